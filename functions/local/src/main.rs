@@ -1,0 +1,64 @@
+//! `cargo run -p local` runs the whole service; `cargo run -p local -- migrate` only applies
+//! migrations to `DATABASE_URL` (the deploy step).
+
+use std::sync::Arc;
+
+use shared::{auth::LocalVerifier, db, App};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    shared::telemetry::init();
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3000);
+    let config = local::config_from_env(port)?;
+
+    if std::env::args().nth(1).as_deref() == Some("migrate") {
+        let pool = db::pool(&config.database_url, 1)?;
+        db::migrate(&pool).await?;
+        println!("migrations applied");
+        return Ok(());
+    }
+
+    db::create_database_if_missing(&config.database_url).await?;
+    let app = App::from_config(config).await?;
+    db::migrate(&app.pool).await?;
+
+    let (secret, generated) = match std::env::var("JWT_SECRET") {
+        Ok(s) if !s.is_empty() => (s, false),
+        _ => (format!("{}{}", uuid_hex(), uuid_hex()), true),
+    };
+    let verifier = Arc::new(LocalVerifier::new(secret.as_bytes())?);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let running = local::start(app.clone(), verifier.clone(), listener)?;
+
+    let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
+    let base = format!("http://{}", running.addr);
+    println!(
+        "\nmedia job service on {base}  (queue: {})",
+        if app.config.sqs_queue_url.is_some() {
+            "SQS"
+        } else {
+            "embedded"
+        }
+    );
+    if generated {
+        println!("JWT_SECRET was not set; this run signs tokens with a made-up secret.");
+    }
+    println!("token for user local-user (tenant local-tenant), valid 30 days:\n\n  export TOKEN={token}\n");
+    println!(
+        "  curl -s -X POST {base}/api/generate/character -H \"authorization: Bearer $TOKEN\" \\"
+    );
+    println!("       -H 'content-type: application/json' -d '{{\"characterId\":\"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b\",\"prompt\":\"a knight\"}}'");
+    println!("  curl -s {base}/api/generate/status/<jobId> -H \"authorization: Bearer $TOKEN\"\n");
+
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
+    running.stop().await;
+    Ok(())
+}
+
+fn uuid_hex() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}

@@ -1,0 +1,396 @@
+//! The HTTP API, shared by the enqueue and status functions and the local runner. Handlers
+//! never fail: every error becomes a JSON body `{"error": {"code", "message"}}` with one status
+//! mapping, and internal errors are logged with their whole cause chain and answered opaquely.
+
+use std::error::Error as StdError;
+
+use chrono::{DateTime, Utc};
+use lambda_http::{http::StatusCode, Body, Request, Response};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    auth,
+    jobs::{self, NewJob},
+    model::{Identity, JobStatus, JobType, Media},
+    telemetry::chain,
+    App,
+};
+
+/// Requests larger than this are refused before parsing.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub const MAX_PROMPT_CHARS: usize = 2_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
+    PayloadTooLarge,
+    #[error("the database is unavailable")]
+    Unavailable(#[source] Box<dyn StdError + Send + Sync>),
+    #[error("internal error")]
+    Internal(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+impl ApiError {
+    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn internal(e: impl StdError + Send + Sync + 'static) -> Self {
+        ApiError::Internal(Box::new(e))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::BadRequest { code, .. } | ApiError::NotFound { code, .. } => code,
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        if let ApiError::Internal(_) | ApiError::Unavailable(_) = &self {
+            tracing::error!(error = %chain(&self), "request failed");
+        }
+        json_response(
+            self.status(),
+            &json!({ "error": { "code": self.code(), "message": self.to_string() } }),
+        )
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        ApiError::Unavailable(Box::new(e))
+    }
+}
+
+impl From<jobs::JobsError> for ApiError {
+    fn from(e: jobs::JobsError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_string(body).expect("response bodies always serialise");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store")
+        .body(Body::Text(body))
+        .expect("static response parts are valid")
+}
+
+/// Routes one request. Used as is by both HTTP functions and the local runner; API Gateway only
+/// sends each function its own routes, and anything else is answered here as a 404.
+pub async fn handle(app: &App, req: Request) -> Response<Body> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let result = match (method.as_str(), segments.as_slice()) {
+        ("GET", ["api", "health"]) => health(app).await,
+        ("POST", ["api", "generate", kind]) if *kind != "status" => enqueue(app, &req, kind).await,
+        ("GET", ["api", "generate", "status", job_id]) => status(app, &req, job_id).await,
+        (_, ["api", "health"])
+        | (_, ["api", "generate", "status", _])
+        | (_, ["api", "generate", _]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound {
+            code: "route_not_found",
+            message: format!("no route for {method} {path}"),
+        }),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+async fn health(app: &App) -> Result<Response<Body>, ApiError> {
+    let conn = app.pool.get().await?;
+    conn.simple_query("SELECT 1")
+        .await
+        .map_err(|e| ApiError::Unavailable(Box::new(e)))?;
+    Ok(json_response(StatusCode::OK, &json!({ "status": "ok" })))
+}
+
+fn caller(req: &Request) -> Result<Identity, ApiError> {
+    auth::identity(req).ok_or(ApiError::Unauthorized)
+}
+
+// ---- enqueue -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CharacterRequest {
+    character_id: Uuid,
+    image_reference_id: Option<Uuid>,
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MoodboardRequest {
+    moodboard_id: Uuid,
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    count: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AnimationRequest {
+    moodboard_id: Uuid,
+    source_image_id: Uuid,
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+}
+
+/// What a validated request turns into: the entity it is about and the parameters kept with it.
+struct JobRequest {
+    job_type: JobType,
+    entity_id: Uuid,
+    params: serde_json::Value,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnqueueResponse {
+    job_id: Uuid,
+    status: JobStatus,
+    message: &'static str,
+    mode: &'static str,
+    position: Option<i64>,
+}
+
+async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    let request = parse_job_request(kind, req.body())?;
+    let id = Uuid::now_v7();
+    let conn = app.pool.get().await?;
+    let admitted = jobs::insert(
+        &conn,
+        &NewJob {
+            id,
+            owner: &owner,
+            job_type: request.job_type,
+            entity_id: request.entity_id,
+            params: &request.params,
+            max_attempts: app.config.job_max_attempts as i32,
+        },
+    )
+    .await?;
+    drop(conn);
+
+    // The job is committed: from here on the caller gets its id whatever happens to delivery.
+    if let Err(e) = app.queue.dispatch(id, std::time::Duration::ZERO).await {
+        tracing::error!(job_id = %id, error = %chain(&e), "job accepted but its message was not sent; it stays queued");
+    }
+
+    let free_slots = (app.config.max_concurrent_jobs as i64 - admitted.active).max(0);
+    let direct = admitted.queued_ahead < free_slots;
+    tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = request.job_type.as_str(),
+        mode = if direct { "direct" } else { "queued" }, "job enqueued");
+    let response = if direct {
+        EnqueueResponse {
+            job_id: id,
+            status: JobStatus::Queued,
+            message: "Generating now...",
+            mode: "direct",
+            position: None,
+        }
+    } else {
+        EnqueueResponse {
+            job_id: id,
+            status: JobStatus::Queued,
+            message: "Added to queue...",
+            mode: "queued",
+            position: Some(admitted.queued_ahead + 1),
+        }
+    };
+    Ok(json_response(StatusCode::ACCEPTED, &response))
+}
+
+fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
+    let bytes: &[u8] = body.as_ref();
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    match kind {
+        "character" => {
+            let r: CharacterRequest = parse_json(bytes)?;
+            Ok(JobRequest {
+                job_type: JobType::CharacterImage,
+                entity_id: r.character_id,
+                params: json!({
+                    "imageReferenceId": r.image_reference_id,
+                    "prompt": checked_prompt("prompt", r.prompt)?,
+                    "negativePrompt": checked_prompt("negativePrompt", r.negative_prompt)?,
+                }),
+            })
+        }
+        "moodboard" => {
+            let r: MoodboardRequest = parse_json(bytes)?;
+            if let Some(count) = r.count {
+                if !(1..=8).contains(&count) {
+                    return Err(ApiError::bad(
+                        "invalid_request",
+                        "count must be between 1 and 8",
+                    ));
+                }
+            }
+            Ok(JobRequest {
+                job_type: JobType::Moodboard,
+                entity_id: r.moodboard_id,
+                params: json!({
+                    "prompt": checked_prompt("prompt", r.prompt)?,
+                    "negativePrompt": checked_prompt("negativePrompt", r.negative_prompt)?,
+                    "count": r.count.unwrap_or(4),
+                }),
+            })
+        }
+        "animation" => {
+            let r: AnimationRequest = parse_json(bytes)?;
+            Ok(JobRequest {
+                job_type: JobType::Animation,
+                entity_id: r.moodboard_id,
+                params: json!({
+                    "sourceImageId": r.source_image_id,
+                    "prompt": checked_prompt("prompt", r.prompt)?,
+                    "negativePrompt": checked_prompt("negativePrompt", r.negative_prompt)?,
+                }),
+            })
+        }
+        _ => Err(ApiError::NotFound {
+            code: "route_not_found",
+            message: format!("unknown job kind {kind:?}"),
+        }),
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad(
+            "invalid_json",
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::bad("invalid_request", e.to_string()),
+        _ => ApiError::bad(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        ),
+    })
+}
+
+fn checked_prompt(field: &str, prompt: Option<String>) -> Result<Option<String>, ApiError> {
+    let Some(prompt) = prompt
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    if prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("{field} is longer than {MAX_PROMPT_CHARS} characters"),
+        ));
+    }
+    if prompt
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(ApiError::bad(
+            "invalid_request",
+            format!("{field} contains control characters"),
+        ));
+    }
+    Ok(Some(prompt))
+}
+
+// ---- status --------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusResponse {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub job_type: JobType,
+    pub status: JobStatus,
+    pub progress: i16,
+    pub position: Option<i64>,
+    pub result: Option<Media>,
+    pub media: Vec<Media>,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    let id = Uuid::parse_str(job_id)
+        .map_err(|_| ApiError::bad("invalid_job_id", "jobId must be a UUID"))?;
+    let conn = app.pool.get().await?;
+    let Some(owned) = jobs::get_for_owner(&conn, id, &owner).await? else {
+        return Err(ApiError::NotFound {
+            code: "job_not_found",
+            message: "no such job".into(),
+        });
+    };
+    let job = owned.job;
+    let media = if job.status == JobStatus::Completed {
+        jobs::media_for_job(&conn, job.id).await?
+    } else {
+        Vec::new()
+    };
+    let result = media
+        .iter()
+        .find(|m| Some(m.id) == job.result_media_id)
+        .cloned();
+    let body = StatusResponse {
+        id: job.id,
+        job_type: job.job_type,
+        status: job.status,
+        progress: job.progress,
+        position: owned.position,
+        result,
+        media,
+        error: if job.status == JobStatus::Failed {
+            job.error_message
+        } else {
+            None
+        },
+        attempts: job.attempts,
+        created_at: job.created_at,
+        started_at: job.started_at,
+        completed_at: job.completed_at,
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}

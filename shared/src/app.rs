@@ -1,0 +1,54 @@
+//! Everything a handler needs, built once per process (one Lambda cold start, one local run).
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+
+use crate::{
+    config::{Config, GeneratorKind},
+    db::{self, DbError},
+    generator::{Generator, Simulator},
+    queue::{self, Dispatcher},
+    storage::LocalMediaStore,
+};
+
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub pool: Pool,
+    pub queue: Dispatcher,
+    pub generator: Arc<dyn Generator>,
+    pub store: LocalMediaStore,
+}
+
+impl App {
+    /// Builds the app from configuration: the pool (connections open lazily), the SQS client when
+    /// a queue URL is configured, and the configured generator.
+    pub async fn from_config(config: Config) -> Result<Self, DbError> {
+        let pool = db::pool(&config.database_url, config.db_pool_size)?;
+        let queue = match &config.sqs_queue_url {
+            Some(url) => Dispatcher::sqs(queue::sqs_client(url).await, url.clone()),
+            None => Dispatcher::embedded(),
+        };
+        let generator: Arc<dyn Generator> = match config.generator {
+            GeneratorKind::Simulator => Arc::new(Simulator::new(config.simulator_duration)),
+        };
+        Ok(Self::new(config, pool, queue, generator))
+    }
+
+    pub fn new(
+        config: Config,
+        pool: Pool,
+        queue: Dispatcher,
+        generator: Arc<dyn Generator>,
+    ) -> Self {
+        let store = LocalMediaStore::new(config.media_dir.clone(), config.public_media_url.clone());
+        Self {
+            config: Arc::new(config),
+            pool,
+            queue,
+            generator,
+            store,
+        }
+    }
+}

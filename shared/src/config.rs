@@ -1,0 +1,178 @@
+//! Configuration, read once per process from the environment.
+
+use std::{env, path::PathBuf, time::Duration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be set")]
+    Missing(&'static str),
+    #[error("{name} has an invalid value {value:?}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// Which generator runs jobs. There is deliberately no default outside the local runner: a
+/// deployment that forgets to choose must fail at start, not quietly run the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeneratorKind {
+    Simulator,
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    /// Absent means the embedded queue: workers claim straight from the job table.
+    pub sqs_queue_url: Option<String>,
+    pub max_concurrent_jobs: u32,
+    pub job_max_attempts: u32,
+    pub job_lease: Duration,
+    pub generator: GeneratorKind,
+    pub simulator_duration: Duration,
+    pub media_dir: PathBuf,
+    /// Prefix of the URLs media are served under, e.g. `http://127.0.0.1:3000/media`.
+    pub public_media_url: String,
+    pub db_pool_size: usize,
+}
+
+// DATABASE_URL carries a password: keep it out of `{:?}` output and therefore out of logs.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &"<redacted>")
+            .field("sqs_queue_url", &self.sqs_queue_url)
+            .field("max_concurrent_jobs", &self.max_concurrent_jobs)
+            .field("job_max_attempts", &self.job_max_attempts)
+            .field("job_lease", &self.job_lease)
+            .field("generator", &self.generator)
+            .field("simulator_duration", &self.simulator_duration)
+            .field("media_dir", &self.media_dir)
+            .field("public_media_url", &self.public_media_url)
+            .field("db_pool_size", &self.db_pool_size)
+            .finish()
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| env::var(name).ok().filter(|v| !v.trim().is_empty()))
+    }
+
+    /// Reads configuration through `lookup`, so tests and the local runner can layer defaults
+    /// without touching the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let generator = match lookup("GENERATOR").as_deref() {
+            None => return Err(ConfigError::Missing("GENERATOR")),
+            Some("simulator") => GeneratorKind::Simulator,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "GENERATOR",
+                    value: other.to_owned(),
+                    reason: "the only generator built so far is `simulator`",
+                })
+            }
+        };
+        let public_base = lookup("PUBLIC_BASE_URL").unwrap_or_default();
+        Ok(Self {
+            database_url: lookup("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?,
+            sqs_queue_url: lookup("SQS_QUEUE_URL"),
+            max_concurrent_jobs: number(&lookup, "MAX_CONCURRENT_JOBS", 5, 1..=10_000)?,
+            job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
+            job_lease: Duration::from_secs(
+                number(&lookup, "JOB_LEASE_SECONDS", 300, 5..=86_400)?.into(),
+            ),
+            generator,
+            simulator_duration: Duration::from_millis(
+                number(&lookup, "SIMULATOR_DURATION_MS", 1500, 0..=600_000)?.into(),
+            ),
+            media_dir: lookup("MEDIA_DIR").unwrap_or_else(|| "media".into()).into(),
+            public_media_url: format!("{}/media", public_base.trim_end_matches('/')),
+            db_pool_size: number(&lookup, "DB_POOL_SIZE", 8, 1..=200)? as usize,
+        })
+    }
+}
+
+fn number(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, ConfigError> {
+    let Some(raw) = lookup(name) else {
+        return Ok(default);
+    };
+    let value: u32 = raw.trim().parse().map_err(|_| ConfigError::Invalid {
+        name,
+        value: raw.clone(),
+        reason: "not a whole number",
+    })?;
+    if !range.contains(&value) {
+        return Err(ConfigError::Invalid {
+            name,
+            value: raw,
+            reason: "out of range",
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn a_deployment_that_names_no_generator_is_refused() {
+        let err = Config::from_lookup(lookup(&[("DATABASE_URL", "postgres://x")])).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing("GENERATOR")));
+    }
+
+    #[test]
+    fn an_unknown_generator_is_refused_rather_than_simulated() {
+        let err = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://x"),
+            ("GENERATOR", "modelslab"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                name: "GENERATOR",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_their_name() {
+        let err = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://x"),
+            ("GENERATOR", "simulator"),
+            ("MAX_CONCURRENT_JOBS", "0"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("MAX_CONCURRENT_JOBS"));
+    }
+
+    #[test]
+    fn the_database_password_never_appears_in_debug_output() {
+        let config = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+            ("GENERATOR", "simulator"),
+            ("PUBLIC_BASE_URL", "http://127.0.0.1:3000/"),
+        ]))
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(config.public_media_url, "http://127.0.0.1:3000/media");
+    }
+}

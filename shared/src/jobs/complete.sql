@@ -1,0 +1,29 @@
+-- Stores the job's media and completes it in one statement, fenced by the attempt that ran it.
+-- The row is locked first so that media are written only if the completion itself will apply.
+WITH job AS (
+    SELECT id, user_id, tenant_id FROM generation_jobs
+    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    FOR UPDATE
+), media AS (
+    INSERT INTO generated_media (id, job_id, user_id, tenant_id, ordinal, media_type, mime_type,
+                                 storage, storage_key, public_url, width, height, size_bytes)
+    SELECT m.id, job.id, job.user_id, job.tenant_id, m.ordinal - 1, m.media_type, m.mime_type,
+           m.storage, m.storage_key, m.public_url, m.width, m.height, m.size_bytes
+    FROM job,
+         unnest($3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::int4[], $10::int4[], $11::int8[])
+             WITH ORDINALITY AS m(id, media_type, mime_type, storage, storage_key, public_url,
+                                  width, height, size_bytes, ordinal)
+    RETURNING id, ordinal
+)
+UPDATE generation_jobs
+SET status = 'completed',
+    progress = 100,
+    result_media_id = (SELECT id FROM media WHERE ordinal = 0),
+    model_used = $12,
+    error_message = NULL,
+    lease_expires_at = NULL,
+    completed_at = now(),
+    updated_at = now()
+WHERE id IN (SELECT id FROM job)
+RETURNING completed_at

@@ -1,0 +1,1 @@
+SELECT status, count(*) AS jobs FROM generation_jobs GROUP BY status

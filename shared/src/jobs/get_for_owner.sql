@@ -1,0 +1,9 @@
+-- One job as its owner sees it. Another user's job is indistinguishable from a missing one.
+-- A queued job's position counts the queued jobs that will be claimed before it (FIFO), plus one.
+SELECT id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at,
+       CASE WHEN j.status = 'queued' THEN (
+           SELECT count(*) + 1 FROM generation_jobs q
+           WHERE q.status = 'queued' AND (q.created_at, q.id) < (j.created_at, j.id)
+       ) END AS position
+FROM generation_jobs j
+WHERE j.id = $1 AND j.user_id = $2 AND j.tenant_id IS NOT DISTINCT FROM $3

@@ -1,0 +1,285 @@
+//! The `generation_jobs` repository. Every state change is a named, guarded UPDATE that names
+//! the state (and, once claimed, the attempt) it expects, so a late or duplicate transition finds
+//! no row and changes nothing.
+
+use std::{collections::HashMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::model::{Identity, Job, JobStatus, JobType, Media};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("database error")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("stored job {id} has an unknown job_type {job_type:?}")]
+    UnknownType { id: Uuid, job_type: String },
+}
+
+pub struct NewJob<'a> {
+    pub id: Uuid,
+    pub owner: &'a Identity,
+    pub job_type: JobType,
+    pub entity_id: Uuid,
+    pub params: &'a serde_json::Value,
+    pub max_attempts: i32,
+}
+
+/// The load a new job was admitted into, seen from the snapshot that inserted it.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    pub created_at: DateTime<Utc>,
+    pub active: i64,
+    pub queued_ahead: i64,
+}
+
+/// A job claimed by a worker: the attempt number fences every later transition.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+}
+
+impl Claimed {
+    pub fn attempt(&self) -> i32 {
+        self.job.attempts
+    }
+}
+
+/// One media item to attach to a completing job.
+#[derive(Debug, Clone)]
+pub struct NewMedia {
+    pub id: Uuid,
+    pub media_type: &'static str,
+    pub mime_type: &'static str,
+    pub storage: &'static str,
+    pub storage_key: String,
+    pub public_url: String,
+    pub width: Option<i32>,
+    pub height: Option<i32>,
+    pub size_bytes: i64,
+}
+
+/// A job as its owner sees it, with its queue position while it waits.
+#[derive(Debug, Clone)]
+pub struct OwnedJob {
+    pub job: Job,
+    pub position: Option<i64>,
+}
+
+pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitted, JobsError> {
+    let stmt = db.prepare_cached(include_str!("insert.sql")).await?;
+    let row = db
+        .query_one(
+            &stmt,
+            &[
+                &new.id,
+                &new.owner.user_id,
+                &new.owner.tenant_id,
+                &new.job_type.as_str(),
+                &new.entity_id,
+                new.params,
+                &new.max_attempts,
+            ],
+        )
+        .await?;
+    Ok(Admitted {
+        created_at: row.try_get("created_at")?,
+        active: row.try_get("active")?,
+        queued_ahead: row.try_get("queued_ahead")?,
+    })
+}
+
+/// Claims the named job if, and only if, it is queued.
+pub async fn claim_by_id(
+    db: &impl GenericClient,
+    id: Uuid,
+    lease: Duration,
+) -> Result<Option<Claimed>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("claim_by_id.sql")).await?;
+    let row = db.query_opt(&stmt, &[&id, &lease.as_secs_f64()]).await?;
+    row.map(|r| job_from_row(&r).map(|job| Claimed { job }))
+        .transpose()
+}
+
+/// Claims up to `limit` of the oldest queued jobs.
+pub async fn claim_next(
+    db: &impl GenericClient,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Claimed>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("claim_next.sql")).await?;
+    let rows = db.query(&stmt, &[&limit, &lease.as_secs_f64()]).await?;
+    let mut claimed: Vec<Claimed> = rows
+        .iter()
+        .map(|r| job_from_row(r).map(|job| Claimed { job }))
+        .collect::<Result<_, _>>()?;
+    // UPDATE ... RETURNING does not keep the CTE's order; hand jobs out oldest first.
+    claimed.sort_by_key(|c| (c.job.created_at, c.job.id));
+    Ok(claimed)
+}
+
+/// Records progress and renews the lease. `Ok(false)` means the attempt is no longer current.
+pub async fn heartbeat(
+    db: &impl GenericClient,
+    claim: &Claimed,
+    progress: i16,
+    lease: Duration,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("heartbeat.sql")).await?;
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &claim.job.id,
+                &claim.attempt(),
+                &progress.clamp(0, 99),
+                &lease.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Completes the job with its media. `Ok(false)` means the attempt is no longer current and
+/// nothing was written.
+pub async fn complete(
+    db: &impl GenericClient,
+    claim: &Claimed,
+    media: &[NewMedia],
+    model: &str,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("complete.sql")).await?;
+    let ids: Vec<Uuid> = media.iter().map(|m| m.id).collect();
+    let media_types: Vec<&str> = media.iter().map(|m| m.media_type).collect();
+    let mime_types: Vec<&str> = media.iter().map(|m| m.mime_type).collect();
+    let storages: Vec<&str> = media.iter().map(|m| m.storage).collect();
+    let keys: Vec<&str> = media.iter().map(|m| m.storage_key.as_str()).collect();
+    let urls: Vec<&str> = media.iter().map(|m| m.public_url.as_str()).collect();
+    let widths: Vec<Option<i32>> = media.iter().map(|m| m.width).collect();
+    let heights: Vec<Option<i32>> = media.iter().map(|m| m.height).collect();
+    let sizes: Vec<i64> = media.iter().map(|m| m.size_bytes).collect();
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &claim.job.id,
+                &claim.attempt(),
+                &ids,
+                &media_types,
+                &mime_types,
+                &storages,
+                &keys,
+                &urls,
+                &widths,
+                &heights,
+                &sizes,
+                &model,
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Fails the job for good. `Ok(false)` means the attempt is no longer current.
+pub async fn fail(
+    db: &impl GenericClient,
+    claim: &Claimed,
+    error: &str,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("fail.sql")).await?;
+    Ok(db
+        .query_opt(&stmt, &[&claim.job.id, &claim.attempt(), &error])
+        .await?
+        .is_some())
+}
+
+/// Returns the job to the queue after a retryable error. `Ok(false)` means the attempt is no
+/// longer current.
+pub async fn requeue(
+    db: &impl GenericClient,
+    claim: &Claimed,
+    error: &str,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("requeue.sql")).await?;
+    Ok(db
+        .query_opt(&stmt, &[&claim.job.id, &claim.attempt(), &error])
+        .await?
+        .is_some())
+}
+
+pub async fn get_for_owner(
+    db: &impl GenericClient,
+    id: Uuid,
+    owner: &Identity,
+) -> Result<Option<OwnedJob>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("get_for_owner.sql")).await?;
+    let Some(row) = db
+        .query_opt(&stmt, &[&id, &owner.user_id, &owner.tenant_id])
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(OwnedJob {
+        job: job_from_row(&row)?,
+        position: row.try_get("position")?,
+    }))
+}
+
+pub async fn media_for_job(db: &impl GenericClient, job_id: Uuid) -> Result<Vec<Media>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("media_for_job.sql")).await?;
+    let rows = db.query(&stmt, &[&job_id]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Media {
+                id: r.try_get("id")?,
+                media_type: r.try_get("media_type")?,
+                mime_type: r.try_get("mime_type")?,
+                public_url: r.try_get("public_url")?,
+                width: r.try_get("width")?,
+                height: r.try_get("height")?,
+                size_bytes: r.try_get("size_bytes")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .collect()
+}
+
+pub async fn count_by_status(
+    db: &impl GenericClient,
+) -> Result<HashMap<JobStatus, i64>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("count_by_status.sql"))
+        .await?;
+    let rows = db.query(&stmt, &[]).await?;
+    let mut counts: HashMap<JobStatus, i64> = JobStatus::ALL.iter().map(|s| (*s, 0)).collect();
+    for row in rows {
+        counts.insert(row.try_get("status")?, row.try_get("jobs")?);
+    }
+    Ok(counts)
+}
+
+fn job_from_row(row: &Row) -> Result<Job, JobsError> {
+    let id: Uuid = row.try_get("id")?;
+    let job_type: String = row.try_get("job_type")?;
+    let job_type = JobType::parse(&job_type).ok_or(JobsError::UnknownType { id, job_type })?;
+    Ok(Job {
+        id,
+        user_id: row.try_get("user_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        job_type,
+        entity_id: row.try_get("entity_id")?,
+        params: row.try_get("params")?,
+        status: row.try_get("status")?,
+        progress: row.try_get("progress")?,
+        result_media_id: row.try_get("result_media_id")?,
+        error_message: row.try_get("error_message")?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+    })
+}

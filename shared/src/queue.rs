@@ -1,0 +1,105 @@
+//! Delivery. Postgres holds the job; the queue only says "look at job X". With `SQS_QUEUE_URL`
+//! set that is an SQS message; without it, the embedded mode wakes the in-process claimer, which
+//! takes work straight from the job table.
+
+use std::{sync::Arc, time::Duration};
+
+use aws_sdk_sqs::Client;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// The one message the queue carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobMessage {
+    pub job_id: Uuid,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("SQS SendMessage failed")]
+    Send(
+        #[source]
+        Box<aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::send_message::SendMessageError>>,
+    ),
+}
+
+#[derive(Clone)]
+pub enum Dispatcher {
+    Sqs { client: Client, queue_url: String },
+    Embedded { wake: Arc<Notify> },
+}
+
+impl Dispatcher {
+    pub fn sqs(client: Client, queue_url: String) -> Self {
+        Dispatcher::Sqs { client, queue_url }
+    }
+
+    pub fn embedded() -> Self {
+        Dispatcher::Embedded {
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Asks for the job to be run, after `delay` (SQS allows at most 15 minutes).
+    pub async fn dispatch(&self, job_id: Uuid, delay: Duration) -> Result<(), QueueError> {
+        match self {
+            Dispatcher::Sqs { client, queue_url } => {
+                let body = serde_json::to_string(&JobMessage { job_id })
+                    .expect("a uuid always serialises");
+                client
+                    .send_message()
+                    .queue_url(queue_url)
+                    .message_body(body)
+                    .delay_seconds(delay.as_secs().min(900) as i32)
+                    .send()
+                    .await
+                    .map_err(|e| QueueError::Send(Box::new(e)))?;
+                Ok(())
+            }
+            // The embedded claimer polls the table, so a delay needs no timer here; a wake-up
+            // just saves it waiting for its next poll.
+            Dispatcher::Embedded { wake } => {
+                wake.notify_one();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Builds an SQS client from the standard AWS configuration chain (environment, profile, the
+/// Lambda role). A queue URL that is not on amazonaws.com (moto, ElasticMQ, LocalStack) is a
+/// local SQS API, and the client is pointed at it, so `sam local invoke` and the local runner
+/// need nothing but the queue URL.
+pub async fn sqs_client(queue_url: &str) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(endpoint) = local_endpoint(queue_url) {
+        loader = loader.endpoint_url(endpoint);
+    }
+    Client::new(&loader.load().await)
+}
+
+fn local_endpoint(queue_url: &str) -> Option<String> {
+    let (scheme, rest) = queue_url.split_once("://")?;
+    let host = rest.split('/').next()?;
+    let hostname = host.split(':').next()?;
+    (!hostname.ends_with(".amazonaws.com")).then(|| format!("{scheme}://{host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_queue_url_names_its_own_endpoint_and_an_aws_one_does_not() {
+        assert_eq!(
+            local_endpoint("http://127.0.0.1:5000/123456789012/media-jobs").as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+        assert_eq!(
+            local_endpoint("https://sqs.eu-west-1.amazonaws.com/123456789012/media-jobs"),
+            None
+        );
+    }
+}
