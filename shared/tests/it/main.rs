@@ -1,0 +1,8 @@
+//! Integration tests: real Postgres (a fresh database per test) and a real SQS API (moto).
+
+mod api;
+mod fixtures;
+mod queue;
+mod repository;
+mod support;
+mod worker;

@@ -1,0 +1,138 @@
+//! The schema's guards: impossible states cannot be stored, and transitions apply only from
+//! the state (and attempt) they name.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn the_schema_refuses_states_without_their_timestamps() {
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    let insert = |status: &'static str, extra: &'static str| {
+        format!(
+            "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status{}) VALUES (gen_random_uuid(), 'u', 'moodboard', gen_random_uuid(), '{status}'{})",
+            if extra.is_empty() { "" } else { ", error_message" },
+            if extra.is_empty() { String::new() } else { format!(", '{extra}'") }
+        )
+    };
+    for (status, extra) in [
+        ("processing", ""),
+        ("completed", ""),
+        ("failed", "boom"),
+        ("cancelled", ""),
+    ] {
+        let err = conn
+            .execute(&insert(status, extra), &[])
+            .await
+            .expect_err(status);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{status}"
+        );
+    }
+    let err = conn
+        .execute(
+            "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) VALUES (gen_random_uuid(), 'u', 'sculpture', gen_random_uuid())",
+            &[],
+        )
+        .await
+        .expect_err("unknown job type");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
+    conn.execute(&insert("queued", ""), &[])
+        .await
+        .expect("a plain queued job is fine");
+}
+
+#[tokio::test]
+async fn concurrent_claims_of_the_queue_never_take_the_same_job() {
+    let t = TestApp::embedded().await;
+    for _ in 0..20 {
+        t.insert_job(Uuid::now_v7(), &user("alice", None), "x")
+            .await;
+    }
+    let claims = futures::future::join_all((0..8).map(|_| {
+        let pool = t.db.pool.clone();
+        async move {
+            let conn = pool.get().await.unwrap();
+            shared::jobs::claim_next(&conn, 5, Duration::from_secs(60))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let mut ids: Vec<Uuid> = claims.iter().flatten().map(|c| c.job.id).collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "no job was claimed twice");
+    assert_eq!(total, 20);
+}
+
+#[tokio::test]
+async fn a_finished_job_cannot_be_failed_requeued_or_claimed_again() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "x").await;
+    let conn = t.db.pool.get().await.unwrap();
+    let claim = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(shared::jobs::fail(&conn, &claim, "first").await.unwrap());
+    assert!(!shared::jobs::fail(&conn, &claim, "second").await.unwrap());
+    assert!(!shared::jobs::requeue(&conn, &claim, "again").await.unwrap());
+    assert!(
+        !shared::jobs::heartbeat(&conn, &claim, 50, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let row = t.job_row(id).await;
+    assert_eq!(
+        row.get::<_, Option<String>>("error_message").as_deref(),
+        Some("first")
+    );
+}
+
+#[tokio::test]
+async fn progress_never_goes_down() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "x").await;
+    let conn = t.db.pool.get().await.unwrap();
+    let claim = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        shared::jobs::heartbeat(&conn, &claim, 60, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        shared::jobs::heartbeat(&conn, &claim, 30, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(t.job_row(id).await.get::<_, i16>("progress"), 60);
+}
+
+#[tokio::test]
+async fn migrating_twice_is_harmless() {
+    let t = TestApp::embedded().await;
+    shared::db::migrate(&t.db.pool)
+        .await
+        .expect("second migration run is a no-op");
+}

@@ -1,0 +1,336 @@
+use std::{sync::Arc, time::Duration};
+
+use lambda_http::aws_lambda_events::sqs::SqsEvent;
+use shared::{queue::Dispatcher, worker::Outcome};
+use uuid::Uuid;
+
+use crate::support::*;
+
+fn batch(records: Vec<lambda_http::aws_lambda_events::sqs::SqsMessage>) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = records;
+    event
+}
+
+#[tokio::test]
+async fn the_worker_completes_a_job_and_stores_its_media() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "a knight").await;
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m-1", &job_message(id))])).await;
+    assert!(response.batch_item_failures.is_empty());
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i16>("progress"), 100);
+    assert_eq!(
+        row.get::<_, Option<String>>("model_used").as_deref(),
+        Some("counting-simulator")
+    );
+    let media_id: Uuid = row
+        .get::<_, Option<Uuid>>("result_media_id")
+        .expect("result media");
+    let conn = t.db.pool.get().await.unwrap();
+    let media = conn
+        .query_one(
+            "SELECT storage_key, mime_type, size_bytes FROM generated_media WHERE id = $1",
+            &[&media_id],
+        )
+        .await
+        .unwrap();
+    let bytes = std::fs::read(t.media.path().join(media.get::<_, String>("storage_key"))).unwrap();
+    assert_eq!(media.get::<_, String>("mime_type"), "image/png");
+    assert_eq!(media.get::<_, i64>("size_bytes"), bytes.len() as i64);
+}
+
+#[tokio::test]
+async fn an_animation_produces_a_real_video_file() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let (_, body) = call(
+        &t.app,
+        api_request(
+            "POST",
+            "/api/generate/animation",
+            Some(&alice),
+            Some(r#"{"moodboardId":"2c3d4e5f-6071-4829-8b3c-4d5e6f7a8b9c","sourceImageId":"3d4e5f60-7182-4930-9c4d-5e6f7a8b9c0d"}"#),
+        ),
+    )
+    .await;
+    let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+    shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m-1", &job_message(id))])).await;
+    let (_, status) = call(
+        &t.app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{id}"),
+            Some(&alice),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status["result"]["mimeType"], "video/webm");
+    let key = status["result"]["publicUrl"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://media.test/media/")
+        .unwrap();
+    let bytes = std::fs::read(t.media.path().join(key)).unwrap();
+    assert_eq!(
+        &bytes[..4],
+        &[0x1a, 0x45, 0xdf, 0xa3],
+        "an EBML (WebM) header"
+    );
+}
+
+#[tokio::test]
+async fn a_fatal_generator_error_fails_the_job_with_a_readable_message() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "please simulate:fail now")
+        .await;
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m-1", &job_message(id))])).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "a failed job is a settled outcome, not a redelivery"
+    );
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert_eq!(row.get::<_, i32>("attempts"), 1);
+    assert!(row
+        .get::<_, Option<String>>("error_message")
+        .unwrap()
+        .starts_with("simulated failure"));
+    let (_, body) = call(
+        &t.app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{id}"),
+            Some(&user("alice", None)),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(body["status"], "failed");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("simulated failure"));
+    assert!(body["result"].is_null());
+}
+
+#[tokio::test]
+async fn a_retryable_error_on_the_last_attempt_fails_the_job_and_says_it_gave_up() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "simulate:retryable")
+        .await;
+    for attempt in 1..=3 {
+        shared::worker::handle_sqs(
+            &t.app,
+            batch(vec![sqs_record(&format!("m-{attempt}"), &job_message(id))]),
+        )
+        .await;
+    }
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert_eq!(row.get::<_, i32>("attempts"), 3);
+    assert!(row
+        .get::<_, Option<String>>("error_message")
+        .unwrap()
+        .starts_with("gave up after 3 attempts"));
+}
+
+#[tokio::test]
+async fn the_same_message_delivered_twice_runs_the_generator_once() {
+    let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_millis(200)).await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "once").await;
+    let body = job_message(id);
+    // Twice in one batch (concurrently), then once more after it finished.
+    let response = shared::worker::handle_sqs(
+        &t.app,
+        batch(vec![sqs_record("m-1", &body), sqs_record("m-1-dup", &body)]),
+    )
+    .await;
+    assert!(response.batch_item_failures.is_empty());
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m-1-late", &body)])).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "a message for a finished job is acknowledged"
+    );
+    assert_eq!(t.generator.calls_for(id), 1);
+    assert_eq!(t.status_of(id).await, "completed");
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_record_reports_exactly_that_record() {
+    let t = TestApp::embedded().await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(a, &user("alice", None), "a").await;
+    t.insert_job(b, &user("bob", None), "b").await;
+    let response = shared::worker::handle_sqs(
+        &t.app,
+        batch(vec![
+            sqs_record("good-1", &job_message(a)),
+            sqs_record("poison", "{\"jobId\": 42"),
+            sqs_record("good-2", &job_message(b)),
+        ]),
+    )
+    .await;
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["poison"]);
+    assert_eq!(t.status_of(a).await, "completed");
+    assert_eq!(t.status_of(b).await, "completed");
+    let wire = serde_json::to_value(&response).unwrap();
+    assert_eq!(
+        wire,
+        serde_json::json!({ "batchItemFailures": [{ "itemIdentifier": "poison" }] })
+    );
+}
+
+#[tokio::test]
+async fn a_message_for_an_unknown_job_is_acknowledged_and_runs_nothing() {
+    let t = TestApp::embedded().await;
+    let response = shared::worker::handle_sqs(
+        &t.app,
+        batch(vec![sqs_record("m-1", &job_message(Uuid::now_v7()))]),
+    )
+    .await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.generator.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn when_the_database_is_down_the_record_is_reported_for_redelivery() {
+    let t = TestApp::embedded().await;
+    let broken = shared::App::new(
+        config(
+            "postgres://postgres@127.0.0.1:5432/mj_no_such_database",
+            t.media.path(),
+        ),
+        shared::db::pool("postgres://postgres@127.0.0.1:5432/mj_no_such_database", 1).unwrap(),
+        Dispatcher::embedded(),
+        t.generator.clone(),
+    );
+    let response = shared::worker::handle_sqs(
+        &broken,
+        batch(vec![sqs_record("m-1", &job_message(Uuid::now_v7()))]),
+    )
+    .await;
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["m-1"]);
+}
+
+#[tokio::test]
+async fn the_embedded_queue_runs_every_job_without_exceeding_the_concurrency_limit() {
+    let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_millis(50)).await;
+    let alice = user("alice", None);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &alice, "batch").await;
+        ids.push(id);
+    }
+    let Dispatcher::Embedded { wake } = t.app.queue.clone() else {
+        unreachable!()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(shared::worker::run_embedded(
+        t.app.clone(),
+        wake,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let conn = t.db.pool.get().await.unwrap();
+        let done: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM generation_jobs WHERE status = 'completed'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done == 10 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(());
+    runner.await.unwrap();
+    for id in ids {
+        assert_eq!(t.status_of(id).await, "completed");
+        assert_eq!(t.generator.calls_for(id), 1);
+    }
+    let max = t
+        .generator
+        .max_running
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&max),
+        "MAX_CONCURRENT_JOBS is 3, saw {max} at once"
+    );
+}
+
+#[tokio::test]
+async fn a_completion_from_an_attempt_that_lost_its_job_changes_nothing() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "late").await;
+    let conn = t.db.pool.get().await.unwrap();
+    let stale = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    // The job is taken from this attempt (as a rescue would) and claimed again.
+    conn.execute(
+        "UPDATE generation_jobs SET status = 'queued', lease_expires_at = NULL WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let current = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.attempt(), 2);
+
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, stale).await.unwrap(),
+        Outcome::Superseded
+    );
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "processing");
+    let media: i64 = conn
+        .query_one("SELECT count(*) FROM generated_media", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(media, 0, "the stale attempt wrote no media rows");
+    assert_eq!(
+        std::fs::read_dir(t.media.path().join(id.to_string()))
+            .unwrap()
+            .count(),
+        0,
+        "and left no files"
+    );
+
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, current).await.unwrap(),
+        Outcome::Completed
+    );
+    let _ = Arc::strong_count(&t.generator);
+}
