@@ -30,6 +30,8 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
@@ -57,6 +59,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,7 +70,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
-            ApiError::BadRequest { code, .. } | ApiError::NotFound { code, .. } => code,
+            ApiError::BadRequest { code, .. }
+            | ApiError::NotFound { code, .. }
+            | ApiError::Conflict { code, .. } => code,
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
@@ -118,8 +123,13 @@ pub async fn handle(app: &App, req: Request) -> Response<Body> {
         ("GET", ["api", "health"]) => health(app).await,
         ("POST", ["api", "generate", kind]) if *kind != "status" => enqueue(app, &req, kind).await,
         ("GET", ["api", "generate", "status", job_id]) => status(app, &req, job_id).await,
+        ("POST", ["api", "generate", "cancel", job_id]) | ("DELETE", ["api", "jobs", job_id]) => {
+            cancel(app, &req, job_id).await
+        }
         (_, ["api", "health"])
         | (_, ["api", "generate", "status", _])
+        | (_, ["api", "generate", "cancel", _])
+        | (_, ["api", "jobs", _])
         | (_, ["api", "generate", _]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound {
             code: "route_not_found",
@@ -348,6 +358,8 @@ pub struct StatusResponse {
     pub media: Vec<Media>,
     pub error: Option<String>,
     pub attempts: i32,
+    /// Every attempt's error, oldest first (a retried job keeps them all).
+    pub attempt_errors: Vec<jobs::AttemptError>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -355,18 +367,43 @@ pub struct StatusResponse {
 
 async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>, ApiError> {
     let owner = caller(req)?;
-    let id = Uuid::parse_str(job_id)
-        .map_err(|_| ApiError::bad("invalid_job_id", "jobId must be a UUID"))?;
+    let id = parse_job_id(job_id)?;
     let conn = app.pool.get().await?;
-    let Some(owned) = jobs::get_for_owner(&conn, id, &owner).await? else {
-        return Err(ApiError::NotFound {
-            code: "job_not_found",
-            message: "no such job".into(),
-        });
+    let body = status_body(&conn, id, &owner)
+        .await?
+        .ok_or_else(job_not_found)?;
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::bad("invalid_job_id", "jobId must be a UUID"))
+}
+
+fn job_not_found() -> ApiError {
+    ApiError::NotFound {
+        code: "job_not_found",
+        message: "no such job".into(),
+    }
+}
+
+/// The job as its owner sees it; `None` for a missing job and for another user's job alike.
+async fn status_body(
+    db: &impl deadpool_postgres::GenericClient,
+    id: Uuid,
+    owner: &Identity,
+) -> Result<Option<StatusResponse>, ApiError> {
+    let Some(owned) = jobs::get_for_owner(db, id, owner).await? else {
+        return Ok(None);
     };
     let job = owned.job;
     let media = if job.status == JobStatus::Completed {
-        jobs::media_for_job(&conn, job.id).await?
+        jobs::media_for_job(db, job.id).await?
+    } else {
+        Vec::new()
+    };
+    // Only a job that has met an error (failed, or needed another attempt) has errors to show.
+    let attempt_errors = if job.error_message.is_some() || job.attempts > 1 {
+        jobs::attempt_errors(db, job.id).await?
     } else {
         Vec::new()
     };
@@ -374,7 +411,7 @@ async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
         .iter()
         .find(|m| Some(m.id) == job.result_media_id)
         .cloned();
-    let body = StatusResponse {
+    Ok(Some(StatusResponse {
         id: job.id,
         job_type: job.job_type,
         status: job.status,
@@ -388,9 +425,33 @@ async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
             None
         },
         attempts: job.attempts,
+        attempt_errors,
         created_at: job.created_at,
         started_at: job.started_at,
         completed_at: job.completed_at,
-    };
+    }))
+}
+
+// ---- cancel --------------------------------------------------------------------------------
+
+/// Cancels the caller's unfinished job and answers with its status. A finished job is a 409;
+/// another user's job is a 404, as for status.
+async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    let id = parse_job_id(job_id)?;
+    let conn = app.pool.get().await?;
+    let cancelled = jobs::cancel(&conn, id, &owner).await?;
+    let body = status_body(&conn, id, &owner)
+        .await?
+        .ok_or_else(job_not_found)?;
+    if !cancelled && body.status != JobStatus::Cancelled {
+        return Err(ApiError::Conflict {
+            code: "job_finished",
+            message: format!("the job is already {}", body.status.as_str()),
+        });
+    }
+    if cancelled {
+        tracing::info!(job_id = %id, user_id = %owner.user_id, "job cancelled");
+    }
     Ok(json_response(StatusCode::OK, &body))
 }

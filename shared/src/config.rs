@@ -35,6 +35,67 @@ pub struct Config {
     /// Prefix of the URLs media are served under, e.g. `http://127.0.0.1:3000/media`.
     pub public_media_url: String,
     pub db_pool_size: usize,
+    /// How long a claimable job may sit unclaimed before the poller re-sends its message.
+    pub outbox_grace: Duration,
+    /// Credits charged per job type, once, at completion.
+    pub credits: Credits,
+}
+
+/// Credits per job type (`JOB_CREDITS=character-image=1,moodboard=4,animation=10`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credits {
+    pub character_image: i32,
+    pub moodboard: i32,
+    pub animation: i32,
+}
+
+impl Credits {
+    pub fn for_type(&self, job_type: crate::model::JobType) -> i32 {
+        use crate::model::JobType::*;
+        match job_type {
+            CharacterImage => self.character_image,
+            Moodboard => self.moodboard,
+            Animation => self.animation,
+        }
+    }
+
+    fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            name: "JOB_CREDITS",
+            value: raw.to_owned(),
+            reason,
+        };
+        let mut credits = Credits::default();
+        for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (kind, amount) = pair
+                .split_once('=')
+                .ok_or(invalid("expected type=amount pairs"))?;
+            let amount: i32 = amount
+                .trim()
+                .parse()
+                .map_err(|_| invalid("an amount is not a whole number"))?;
+            if !(0..=1_000_000).contains(&amount) {
+                return Err(invalid("an amount is out of range"));
+            }
+            match crate::model::JobType::parse(kind.trim()) {
+                Some(crate::model::JobType::CharacterImage) => credits.character_image = amount,
+                Some(crate::model::JobType::Moodboard) => credits.moodboard = amount,
+                Some(crate::model::JobType::Animation) => credits.animation = amount,
+                None => return Err(invalid("unknown job type")),
+            }
+        }
+        Ok(credits)
+    }
+}
+
+impl Default for Credits {
+    fn default() -> Self {
+        Credits {
+            character_image: 1,
+            moodboard: 4,
+            animation: 10,
+        }
+    }
 }
 
 // DATABASE_URL carries a password: keep it out of `{:?}` output and therefore out of logs.
@@ -51,6 +112,8 @@ impl std::fmt::Debug for Config {
             .field("media_dir", &self.media_dir)
             .field("public_media_url", &self.public_media_url)
             .field("db_pool_size", &self.db_pool_size)
+            .field("outbox_grace", &self.outbox_grace)
+            .field("credits", &self.credits)
             .finish()
     }
 }
@@ -90,6 +153,13 @@ impl Config {
             media_dir: lookup("MEDIA_DIR").unwrap_or_else(|| "media".into()).into(),
             public_media_url: format!("{}/media", public_base.trim_end_matches('/')),
             db_pool_size: number(&lookup, "DB_POOL_SIZE", 8, 1..=200)? as usize,
+            outbox_grace: Duration::from_secs(
+                number(&lookup, "OUTBOX_GRACE_SECONDS", 60, 1..=86_400)?.into(),
+            ),
+            credits: match lookup("JOB_CREDITS") {
+                Some(raw) => Credits::parse(&raw)?,
+                None => Credits::default(),
+            },
         })
     }
 }
@@ -162,6 +232,27 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("MAX_CONCURRENT_JOBS"));
+    }
+
+    #[test]
+    fn credits_are_read_per_job_type_and_unknown_types_are_refused() {
+        let base = [("DATABASE_URL", "postgres://x"), ("GENERATOR", "simulator")];
+        let with = |credits: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("JOB_CREDITS", credits));
+            Config::from_lookup(lookup(&pairs))
+        };
+        let c = with("moodboard=7, animation=0").unwrap().credits;
+        assert_eq!(
+            c,
+            Credits {
+                character_image: 1,
+                moodboard: 7,
+                animation: 0
+            }
+        );
+        assert!(with("sculpture=3").is_err());
+        assert!(with("moodboard=-1").is_err());
     }
 
     #[test]

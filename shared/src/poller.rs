@@ -1,11 +1,25 @@
-//! The scheduled poller (EventBridge, every minute). For now it reports how many jobs are in
-//! each state; the long-job checks and the lease rescuer join it in their own issues.
+//! The scheduled poller (EventBridge, every minute): rescues jobs whose worker stopped renewing
+//! its lease, re-sends messages that were never sent or were lost (the outbox), and reports how
+//! many jobs are in each state.
 
 use std::collections::BTreeMap;
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::Serialize;
 
-use crate::{jobs, App};
+use crate::{
+    jobs::{self, ExpiredLease},
+    telemetry::chain,
+    worker::backoff,
+    App,
+};
+
+/// Expired leases handled per page; the rescuer pages until none are left.
+const RESCUE_PAGE: i64 = 100;
+/// Messages re-sent per tick at most; the rest wait for the next tick.
+const OUTBOX_BATCH: i64 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollerError {
@@ -15,19 +29,178 @@ pub enum PollerError {
     Jobs(#[from] jobs::JobsError),
 }
 
-/// Counts of jobs by state, as logged and returned.
-pub type Report = BTreeMap<&'static str, i64>;
+/// What one tick did, as logged and returned.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub jobs: BTreeMap<&'static str, i64>,
+    pub rescued: u32,
+    pub rescue_failed: u32,
+    pub redispatched: u32,
+}
 
 pub async fn handle_schedule(
     app: &App,
     event: EventBridgeEvent<serde_json::Value>,
 ) -> Result<Report, PollerError> {
+    let (rescued, rescue_failed) = rescue(app, Utc::now()).await?;
+    let redispatched = match &app.queue {
+        // The embedded claimer reads the table itself: there are no messages to lose.
+        crate::queue::Dispatcher::Embedded { .. } => 0,
+        crate::queue::Dispatcher::Sqs { .. } => redispatch(app).await?,
+    };
     let conn = app.pool.get().await?;
     let counts = jobs::count_by_status(&conn).await?;
-    let report: Report = counts
-        .into_iter()
-        .map(|(status, n)| (status.as_str(), n))
-        .collect();
-    tracing::info!(event_id = event.id.as_deref().unwrap_or(""), jobs = ?report, "poller tick");
+    let report = Report {
+        jobs: counts
+            .into_iter()
+            .map(|(status, n)| (status.as_str(), n))
+            .collect(),
+        rescued,
+        rescue_failed,
+        redispatched,
+    };
+    tracing::info!(
+        event_id = event.id.as_deref().unwrap_or(""),
+        ?report,
+        "poller tick"
+    );
     Ok(report)
+}
+
+/// What to do with a job whose lease expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rescue {
+    /// Queue it again, to be claimed no earlier than `run_after`.
+    Retry {
+        run_after: DateTime<Utc>,
+        reason: String,
+    },
+    /// Its last allowed attempt is spent.
+    Fail { reason: String },
+}
+
+/// Decides a rescue. Pure: the clock and the jitter are given, so it can be tested exactly.
+pub fn decide(lease: &ExpiredLease, now: DateTime<Utc>, jitter: f64) -> Rescue {
+    let lost = format!(
+        "attempt {} stopped renewing its lease (expired {})",
+        lease.attempts,
+        lease
+            .lease_expires_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    if lease.attempts < lease.max_attempts {
+        let wait = chrono::Duration::from_std(backoff(lease.attempts, jitter)).unwrap_or_default();
+        Rescue::Retry {
+            run_after: now + wait,
+            reason: lost,
+        }
+    } else {
+        Rescue::Fail {
+            reason: format!("gave up after {} attempts: {lost}", lease.attempts),
+        }
+    }
+}
+
+/// Pages through the leases that expired before `now`, re-queuing or failing each job. Returns
+/// (re-queued, failed). Every write is guarded by attempt and expiry, so a worker that renewed
+/// in the meantime, or another poller, wins.
+pub async fn rescue(app: &App, now: DateTime<Utc>) -> Result<(u32, u32), PollerError> {
+    let conn = app.pool.get().await?;
+    let (mut requeued, mut failed) = (0, 0);
+    let mut cursor = None;
+    loop {
+        let page = jobs::expired_leases(&conn, now, cursor, RESCUE_PAGE).await?;
+        for lease in &page {
+            let jitter = rand::thread_rng().gen_range(0.0..=1.0);
+            match decide(lease, now, jitter) {
+                Rescue::Retry { run_after, reason } => {
+                    if jobs::rescue_requeue(&conn, lease, &reason, run_after).await? {
+                        requeued += 1;
+                        tracing::warn!(job_id = %lease.id, attempt = lease.attempts, "lease expired; job queued again");
+                        let delay = (run_after - Utc::now()).to_std().unwrap_or_default();
+                        // If this send fails the outbox sends it later: the job is queued.
+                        if let Err(e) = app.queue.dispatch(lease.id, delay).await {
+                            tracing::warn!(job_id = %lease.id, error = %chain(&e), "rescued job not dispatched yet");
+                        }
+                    }
+                }
+                Rescue::Fail { reason } => {
+                    if jobs::rescue_fail(&conn, lease, &reason).await? {
+                        failed += 1;
+                        tracing::warn!(job_id = %lease.id, attempt = lease.attempts, "lease expired on the last attempt; job failed");
+                    }
+                }
+            }
+        }
+        if (page.len() as i64) < RESCUE_PAGE {
+            return Ok((requeued, failed));
+        }
+        cursor = page.last().map(|l| (l.lease_expires_at, l.id));
+    }
+}
+
+/// The outbox: re-sends the messages of queued jobs that have waited past the grace period
+/// without being claimed. A duplicate is harmless: only one delivery can claim the job.
+pub async fn redispatch(app: &App) -> Result<u32, PollerError> {
+    let conn = app.pool.get().await?;
+    let ids = jobs::take_undispatched(&conn, app.config.outbox_grace, OUTBOX_BATCH).await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    match app.queue.dispatch_batch(&ids).await {
+        Ok(sent) => {
+            tracing::info!(sent, "outbox re-sent job messages");
+            Ok(sent as u32)
+        }
+        Err(e) => {
+            // They stay queued and are taken again after the grace period.
+            tracing::warn!(error = %chain(&e), jobs = ids.len(), "outbox could not send; will retry");
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn lease(attempts: i32, max_attempts: i32) -> ExpiredLease {
+        ExpiredLease {
+            id: Uuid::nil(),
+            attempts,
+            max_attempts,
+            lease_expires_at: DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z")
+                .unwrap()
+                .into(),
+        }
+    }
+
+    #[test]
+    fn an_expired_lease_with_attempts_left_is_retried_after_its_backoff() {
+        let now: DateTime<Utc> = DateTime::parse_from_rfc3339("2026-11-30T10:05:00Z")
+            .unwrap()
+            .into();
+        let Rescue::Retry { run_after, reason } = decide(&lease(2, 3), now, 1.0) else {
+            panic!("expected a retry")
+        };
+        assert_eq!(run_after, now + chrono::Duration::seconds(10));
+        assert_eq!(
+            reason,
+            "attempt 2 stopped renewing its lease (expired 2026-11-30T10:00:00Z)"
+        );
+    }
+
+    #[test]
+    fn an_expired_lease_on_the_last_attempt_fails_the_job() {
+        let now = Utc::now();
+        assert_eq!(
+            decide(&lease(3, 3), now, 0.0),
+            Rescue::Fail {
+                reason: "gave up after 3 attempts: attempt 3 stopped renewing its lease (expired 2026-11-30T10:00:00Z)"
+                    .into()
+            }
+        );
+    }
 }

@@ -23,6 +23,15 @@ pub enum QueueError {
         #[source]
         Box<aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::send_message::SendMessageError>>,
     ),
+    #[error("SQS SendMessageBatch failed")]
+    SendBatch(
+        #[source]
+        Box<
+            aws_sdk_sqs::error::SdkError<
+                aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError,
+            >,
+        >,
+    ),
 }
 
 #[derive(Clone)]
@@ -63,6 +72,60 @@ impl Dispatcher {
             Dispatcher::Embedded { wake } => {
                 wake.notify_one();
                 Ok(())
+            }
+        }
+    }
+
+    /// Asks for several jobs to be run now; returns how many messages were accepted. Used by
+    /// the outbox, which tries again later for any that were not.
+    pub async fn dispatch_batch(&self, job_ids: &[Uuid]) -> Result<usize, QueueError> {
+        match self {
+            Dispatcher::Sqs { client, queue_url } => {
+                let mut sent = 0;
+                for chunk in job_ids.chunks(10) {
+                    let entries = chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(i, job_id)| {
+                            let body = serde_json::to_string(&JobMessage { job_id: *job_id })
+                                .expect("a uuid always serialises");
+                            aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                                .id(i.to_string())
+                                .message_body(body)
+                                .build()
+                                .expect("id and body are set")
+                        })
+                        .collect::<Vec<_>>();
+                    let out = client
+                        .send_message_batch()
+                        .queue_url(queue_url)
+                        .set_entries(Some(entries))
+                        .send()
+                        .await
+                        .map_err(|e| QueueError::SendBatch(Box::new(e)))?;
+                    sent += out.successful.len();
+                }
+                Ok(sent)
+            }
+            Dispatcher::Embedded { wake } => {
+                wake.notify_one();
+                Ok(job_ids.len())
+            }
+        }
+    }
+
+    /// Hides a received message for `delay` before it is delivered again (SQS only).
+    pub async fn defer(&self, receipt_handle: &str, delay: Duration) {
+        if let Dispatcher::Sqs { client, queue_url } = self {
+            let result = client
+                .change_message_visibility()
+                .queue_url(queue_url)
+                .receipt_handle(receipt_handle)
+                .visibility_timeout(delay.as_secs().clamp(0, 43_200) as i32)
+                .send()
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "could not change the message's visibility");
             }
         }
     }

@@ -11,7 +11,7 @@ use tracing::{field, Instrument};
 
 use crate::{
     generator::{GenerateError, Progress},
-    jobs::{self, Claimed, JobsError},
+    jobs::{self, ClaimResult, Claimed, JobsError},
     queue::{JobMessage, QueueError},
     storage::StorageError,
     telemetry::chain,
@@ -46,6 +46,11 @@ pub enum Outcome {
     },
     /// The job was not claimable (unknown, finished, or already running): acknowledged, not run.
     NotClaimable,
+    /// The job is waiting for a slot or for its backoff: the message is hidden for `delay` and
+    /// delivered again then.
+    Deferred {
+        delay: Duration,
+    },
     /// This attempt lost the job (rescued or cancelled) while it ran; what it produced is discarded.
     Superseded,
 }
@@ -56,20 +61,55 @@ pub async fn handle_sqs(app: &App, event: SqsEvent) -> SqsBatchResponse {
     let outcomes = futures::future::join_all(event.records.iter().map(|record| {
         let message_id = record.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("record", message_id = %message_id, job_id = field::Empty);
-        async move { (message_id, process_record(app, record).await) }.instrument(span)
+        async move { (record, process_record(app, record).await) }.instrument(span)
     }))
     .await;
     let mut response = SqsBatchResponse::default();
-    for (message_id, outcome) in outcomes {
-        match outcome {
-            Ok(outcome) => tracing::info!(message_id, ?outcome, "record done"),
+    for (record, outcome) in outcomes {
+        let message_id = record.message_id.clone().unwrap_or_default();
+        // A record left in the queue is reported; when to deliver it again is set explicitly.
+        let redeliver_in = match outcome {
+            Ok(Outcome::Deferred { delay }) => {
+                tracing::info!(
+                    message_id,
+                    delay_s = delay.as_secs(),
+                    "job waits; message deferred"
+                );
+                Some(delay)
+            }
+            Ok(outcome) => {
+                tracing::info!(message_id, ?outcome, "record done");
+                None
+            }
+            Err(e @ WorkerError::BadMessage(_)) => {
+                // Poison: let it reach maxReceiveCount (and the DLQ) quickly.
+                tracing::warn!(message_id, error = %chain(&e), "unreadable message; it will go to the DLQ");
+                Some(POISON_REDELIVERY)
+            }
             Err(e) => {
                 tracing::warn!(message_id, error = %chain(&e), "record failed; it will be delivered again");
-                response.add_failure(message_id);
+                Some(retry_delay(receive_count(record)))
             }
+        };
+        if let Some(delay) = redeliver_in {
+            if let Some(handle) = &record.receipt_handle {
+                app.queue.defer(handle, delay).await;
+            }
+            response.add_failure(message_id);
         }
     }
     response
+}
+
+/// How soon an unreadable message is delivered again, so it reaches the DLQ in minutes.
+const POISON_REDELIVERY: Duration = Duration::from_secs(10);
+
+fn receive_count(record: &SqsMessage) -> i32 {
+    record
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, WorkerError> {
@@ -77,12 +117,27 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
         .map_err(WorkerError::BadMessage)?;
     tracing::Span::current().record("job_id", field::display(message.job_id));
     let claim = {
-        let conn = app.pool.get().await?;
-        jobs::claim_by_id(&conn, message.job_id, app.config.job_lease).await?
+        let mut conn = app.pool.get().await?;
+        jobs::claim_by_id(
+            &mut conn,
+            message.job_id,
+            app.config.job_lease,
+            app.config.max_concurrent_jobs,
+        )
+        .await?
     };
     match claim {
-        None => Ok(Outcome::NotClaimable),
-        Some(claim) => run_claimed(app, claim).await,
+        ClaimResult::Claimed(claim) => run_claimed(app, claim).await,
+        ClaimResult::NotClaimable => Ok(Outcome::NotClaimable),
+        ClaimResult::NoSlot => Ok(Outcome::Deferred {
+            delay: retry_delay(receive_count(record)),
+        }),
+        ClaimResult::NotDue(at) => {
+            let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
+            Ok(Outcome::Deferred {
+                delay: wait.max(Duration::from_secs(1)),
+            })
+        }
     }
 }
 
@@ -107,7 +162,15 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
         }
         Ok(files) => {
             let media = app.store.put(job_id, claim.attempt(), &files).await?;
-            if jobs::complete(&conn, &claim, &media, app.generator.model()).await? {
+            if jobs::complete(
+                &conn,
+                &claim,
+                &media,
+                app.generator.model(),
+                app.config.credits.for_type(claim.job.job_type),
+            )
+            .await?
+            {
                 Outcome::Completed
             } else {
                 app.store.discard(&media).await;
@@ -129,19 +192,20 @@ async fn settle_failure(
     let applied = match &error {
         GenerateError::Retryable(message) if claim.attempt() < claim.job.max_attempts => {
             let delay = retry_delay(claim.attempt());
-            if !jobs::requeue(db, claim, message).await? {
+            if !jobs::requeue(db, claim, message, delay).await? {
                 return Ok(Outcome::Superseded);
             }
             // If this send fails the error is returned, the record is reported, and SQS delivers
-            // the original message again: the job is queued, so that delivery claims it.
+            // the original message again: the job is queued, so that delivery (or the outbox)
+            // claims it once it is due.
             app.queue.dispatch(claim.job.id, delay).await?;
             return Ok(Outcome::Requeued { delay });
         }
         GenerateError::Retryable(message) => {
             let text = format!("gave up after {} attempts: {message}", claim.attempt());
-            jobs::fail(db, claim, &text).await?
+            jobs::fail(db, claim, &text, true).await?
         }
-        GenerateError::Fatal(message) => jobs::fail(db, claim, message).await?,
+        GenerateError::Fatal(message) => jobs::fail(db, claim, message, false).await?,
     };
     Ok(if applied {
         Outcome::Failed
@@ -150,13 +214,18 @@ async fn settle_failure(
     })
 }
 
-/// Exponential backoff with jitter: about 5 s, 10 s, 20 s, ... capped at SQS's 15 minutes.
+/// Exponential backoff with jitter for the given attempt (or receive count).
 pub fn retry_delay(attempt: i32) -> Duration {
+    backoff(attempt, rand::thread_rng().gen_range(0.0..=1.0))
+}
+
+/// About 5 s, 10 s, 20 s, ... capped at SQS's 15-minute maximum delay; `jitter` in 0..=1 picks
+/// a point in the upper half of each step, so retries of many jobs do not arrive together.
+pub fn backoff(attempt: i32, jitter: f64) -> Duration {
     let base = 5u64
         .saturating_mul(1 << attempt.clamp(1, 12).saturating_sub(1))
-        .min(900);
-    let jittered = rand::thread_rng().gen_range(base / 2..=base);
-    Duration::from_secs(jittered.max(1))
+        .min(900) as f64;
+    Duration::from_secs_f64((base / 2.0 + base / 2.0 * jitter.clamp(0.0, 1.0)).max(1.0))
 }
 
 /// Runs the generator while writing its progress and renewing the lease. Returns `None` when a
@@ -223,9 +292,14 @@ pub async fn run_embedded(
             permits.push(p);
         }
         let claimed = match app.pool.get().await {
-            Ok(conn) => jobs::claim_next(&conn, permits.len() as i64, app.config.job_lease)
-                .await
-                .map_err(WorkerError::from),
+            Ok(mut conn) => jobs::claim_next(
+                &mut conn,
+                permits.len() as i64,
+                app.config.job_lease,
+                app.config.max_concurrent_jobs,
+            )
+            .await
+            .map_err(WorkerError::from),
             Err(e) => Err(e.into()),
         };
         let claimed = claimed.unwrap_or_else(|e| {
@@ -315,4 +389,21 @@ pub async fn poll_sqs_once(
             .await?;
     }
     Ok(messages.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_attempt_stays_in_the_upper_half_and_is_capped() {
+        assert_eq!(backoff(1, 0.0), Duration::from_secs_f64(2.5));
+        assert_eq!(backoff(1, 1.0), Duration::from_secs(5));
+        assert_eq!(backoff(3, 1.0), Duration::from_secs(20));
+        assert_eq!(backoff(3, 0.5), Duration::from_secs(15));
+        assert_eq!(backoff(30, 1.0), Duration::from_secs(900));
+        assert!(
+            retry_delay(2) >= Duration::from_secs(5) && retry_delay(2) <= Duration::from_secs(10)
+        );
+    }
 }

@@ -1,10 +1,12 @@
--- Claims up to $1 of the oldest queued jobs (the embedded queue). SKIP LOCKED lets concurrent
--- claimers take different rows instead of waiting on each other.
-WITH next AS (
+-- Claims the oldest due queued jobs (the embedded queue): at most $1, and no more than the
+-- slots left free by the $3 allowed live leases. Runs under the claim lock.
+WITH active AS (
+    SELECT count(*) AS n FROM generation_jobs WHERE status = 'processing' AND lease_expires_at > now()
+), next AS (
     SELECT id FROM generation_jobs
-    WHERE status = 'queued'
+    WHERE status = 'queued' AND run_after <= now()
     ORDER BY created_at, id
-    LIMIT $1
+    LIMIT greatest(0, least($1, $3 - (SELECT n FROM active)))
     FOR UPDATE SKIP LOCKED
 )
 UPDATE generation_jobs j

@@ -1,9 +1,15 @@
--- Fails the job for good, fenced by the attempt that ran it.
-UPDATE generation_jobs
-SET status = 'failed',
-    error_message = $3,
-    lease_expires_at = NULL,
-    completed_at = now(),
-    updated_at = now()
-WHERE id = $1 AND status = 'processing' AND attempts = $2
-RETURNING completed_at
+-- Fails the job for good, fenced by the attempt that ran it, and keeps the attempt's error.
+WITH job AS (
+    UPDATE generation_jobs
+    SET status = 'failed',
+        error_message = $3,
+        lease_expires_at = NULL,
+        completed_at = now(),
+        updated_at = now()
+    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    RETURNING id, attempts
+)
+INSERT INTO job_errors (job_id, attempt, retryable, message)
+SELECT id, attempts, $4, $3 FROM job
+ON CONFLICT (job_id, attempt) DO NOTHING
+RETURNING job_id

@@ -92,26 +92,73 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
     })
 }
 
-/// Claims the named job if, and only if, it is queued.
-pub async fn claim_by_id(
-    db: &impl GenericClient,
-    id: Uuid,
-    lease: Duration,
-) -> Result<Option<Claimed>, JobsError> {
-    let stmt = db.prepare_cached(include_str!("claim_by_id.sql")).await?;
-    let row = db.query_opt(&stmt, &[&id, &lease.as_secs_f64()]).await?;
-    row.map(|r| job_from_row(&r).map(|job| Claimed { job }))
-        .transpose()
+/// What a claim of one named job found.
+#[derive(Debug)]
+pub enum ClaimResult {
+    Claimed(Claimed),
+    /// Queued and due, but every slot is taken.
+    NoSlot,
+    /// Queued, but backing off until then.
+    NotDue(DateTime<Utc>),
+    /// Unknown, running elsewhere, or finished: nothing to do.
+    NotClaimable,
 }
 
-/// Claims up to `limit` of the oldest queued jobs.
+/// Serialises claimers (not enqueues): the slot count a claim reads is then always the count
+/// the previous claim committed. Claims are few (one per job start), so this costs little.
+const CLAIM_LOCK: i64 = 0x6d6a_636c_6169_6d00; // "mjclaim"
+
+/// Claims the named job if it is queued, due, and one of `max_active` slots is free.
+pub async fn claim_by_id(
+    conn: &mut deadpool_postgres::Client,
+    id: Uuid,
+    lease: Duration,
+    max_active: u32,
+) -> Result<ClaimResult, JobsError> {
+    let tx = conn.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+        .await?;
+    let stmt = tx.prepare_cached(include_str!("claim_by_id.sql")).await?;
+    let row = tx
+        .query_opt(&stmt, &[&id, &lease.as_secs_f64(), &(max_active as i64)])
+        .await?;
+    let result = match row {
+        Some(row) => ClaimResult::Claimed(Claimed {
+            job: job_from_row(&row)?,
+        }),
+        None => {
+            let stmt = tx.prepare_cached(include_str!("claim_state.sql")).await?;
+            match tx.query_opt(&stmt, &[&id]).await? {
+                Some(row) if row.try_get::<_, JobStatus>("status")? == JobStatus::Queued => {
+                    if row.try_get("due")? {
+                        ClaimResult::NoSlot
+                    } else {
+                        ClaimResult::NotDue(row.try_get("run_after")?)
+                    }
+                }
+                _ => ClaimResult::NotClaimable,
+            }
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// Claims up to `limit` of the oldest due queued jobs, within the free slots.
 pub async fn claim_next(
-    db: &impl GenericClient,
+    conn: &mut deadpool_postgres::Client,
     limit: i64,
     lease: Duration,
+    max_active: u32,
 ) -> Result<Vec<Claimed>, JobsError> {
-    let stmt = db.prepare_cached(include_str!("claim_next.sql")).await?;
-    let rows = db.query(&stmt, &[&limit, &lease.as_secs_f64()]).await?;
+    let tx = conn.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+        .await?;
+    let stmt = tx.prepare_cached(include_str!("claim_next.sql")).await?;
+    let rows = tx
+        .query(&stmt, &[&limit, &lease.as_secs_f64(), &(max_active as i64)])
+        .await?;
+    tx.commit().await?;
     let mut claimed: Vec<Claimed> = rows
         .iter()
         .map(|r| job_from_row(r).map(|job| Claimed { job }))
@@ -150,6 +197,7 @@ pub async fn complete(
     claim: &Claimed,
     media: &[NewMedia],
     model: &str,
+    credits: i32,
 ) -> Result<bool, JobsError> {
     let stmt = db.prepare_cached(include_str!("complete.sql")).await?;
     let ids: Vec<Uuid> = media.iter().map(|m| m.id).collect();
@@ -177,37 +225,169 @@ pub async fn complete(
                 &heights,
                 &sizes,
                 &model,
+                &credits,
             ],
         )
         .await?;
     Ok(row.is_some())
 }
 
-/// Fails the job for good. `Ok(false)` means the attempt is no longer current.
+/// Fails the job for good, keeping the attempt's error. `Ok(false)` means the attempt is no
+/// longer current.
 pub async fn fail(
     db: &impl GenericClient,
     claim: &Claimed,
     error: &str,
+    retryable: bool,
 ) -> Result<bool, JobsError> {
     let stmt = db.prepare_cached(include_str!("fail.sql")).await?;
-    Ok(db
-        .query_opt(&stmt, &[&claim.job.id, &claim.attempt(), &error])
-        .await?
-        .is_some())
+    let row = db
+        .query_opt(
+            &stmt,
+            &[&claim.job.id, &claim.attempt(), &error, &retryable],
+        )
+        .await?;
+    Ok(row.is_some())
 }
 
-/// Returns the job to the queue after a retryable error. `Ok(false)` means the attempt is no
-/// longer current.
+/// Returns the job to the queue after a retryable error, not to be claimed for `delay`.
+/// `Ok(false)` means the attempt is no longer current.
 pub async fn requeue(
     db: &impl GenericClient,
     claim: &Claimed,
     error: &str,
+    delay: Duration,
 ) -> Result<bool, JobsError> {
     let stmt = db.prepare_cached(include_str!("requeue.sql")).await?;
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &claim.job.id,
+                &claim.attempt(),
+                &error,
+                &delay.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// A processing job whose lease ran out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    pub id: Uuid,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// One page of leases that expired before `before`, after the keyset `after`.
+pub async fn expired_leases(
+    db: &impl GenericClient,
+    before: DateTime<Utc>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ExpiredLease>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("expired_leases.sql"))
+        .await?;
+    let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1));
+    let rows = db
+        .query(&stmt, &[&before, &after_at, &after_id, &limit])
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ExpiredLease {
+                id: r.try_get("id")?,
+                attempts: r.try_get("attempts")?,
+                max_attempts: r.try_get("max_attempts")?,
+                lease_expires_at: r.try_get("lease_expires_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Re-queues a job whose lease expired, not before `run_after`. `Ok(false)`: its worker renewed
+/// the lease or finished first.
+pub async fn rescue_requeue(
+    db: &impl GenericClient,
+    lease: &ExpiredLease,
+    error: &str,
+    run_after: DateTime<Utc>,
+) -> Result<bool, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("rescue_requeue.sql"))
+        .await?;
     Ok(db
-        .query_opt(&stmt, &[&claim.job.id, &claim.attempt(), &error])
+        .query_opt(&stmt, &[&lease.id, &lease.attempts, &error, &run_after])
         .await?
         .is_some())
+}
+
+/// Fails a job whose last allowed attempt lost its lease.
+pub async fn rescue_fail(
+    db: &impl GenericClient,
+    lease: &ExpiredLease,
+    error: &str,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("rescue_fail.sql")).await?;
+    Ok(db
+        .query_opt(&stmt, &[&lease.id, &lease.attempts, &error])
+        .await?
+        .is_some())
+}
+
+/// Marks and returns up to `limit` queued jobs whose message must be sent again (the outbox).
+pub async fn take_undispatched(
+    db: &impl GenericClient,
+    grace: Duration,
+    limit: i64,
+) -> Result<Vec<Uuid>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("undispatched.sql")).await?;
+    let rows = db.query(&stmt, &[&grace.as_secs_f64(), &limit]).await?;
+    rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
+}
+
+/// Cancels the owner's unfinished job. `Ok(false)`: no such unfinished job of theirs.
+pub async fn cancel(
+    db: &impl GenericClient,
+    id: Uuid,
+    owner: &Identity,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("cancel.sql")).await?;
+    Ok(db
+        .query_opt(&stmt, &[&id, &owner.user_id, &owner.tenant_id])
+        .await?
+        .is_some())
+}
+
+/// One attempt's error, as kept.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptError {
+    pub attempt: i32,
+    pub retryable: bool,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+pub async fn attempt_errors(
+    db: &impl GenericClient,
+    job_id: Uuid,
+) -> Result<Vec<AttemptError>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("job_errors.sql")).await?;
+    let rows = db.query(&stmt, &[&job_id]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(AttemptError {
+                attempt: r.try_get("attempt")?,
+                retryable: r.try_get("retryable")?,
+                message: r.try_get("message")?,
+                at: r.try_get("created_at")?,
+            })
+        })
+        .collect()
 }
 
 pub async fn get_for_owner(

@@ -1,8 +1,16 @@
--- Puts the job back in the queue after a retryable error, keeping that error for the record.
-UPDATE generation_jobs
-SET status = 'queued',
-    error_message = $3,
-    lease_expires_at = NULL,
-    updated_at = now()
-WHERE id = $1 AND status = 'processing' AND attempts = $2
-RETURNING updated_at
+-- Puts the job back in the queue after a retryable error, not to be claimed before $4, and
+-- keeps the attempt's error.
+WITH job AS (
+    UPDATE generation_jobs
+    SET status = 'queued',
+        error_message = $3,
+        lease_expires_at = NULL,
+        run_after = now() + make_interval(secs => $4),
+        updated_at = now()
+    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    RETURNING id, attempts
+)
+INSERT INTO job_errors (job_id, attempt, retryable, message)
+SELECT id, attempts, true, $3 FROM job
+ON CONFLICT (job_id, attempt) DO NOTHING
+RETURNING job_id

@@ -92,8 +92,8 @@ async fn when_every_slot_is_taken_a_job_is_queued_with_its_true_position() {
     )
     .await;
     assert_eq!(status["position"], 5);
-    let conn = t.db.pool.get().await.unwrap();
-    let claimed = shared::jobs::claim_next(&conn, 5, Duration::from_secs(60))
+    let mut conn = t.db.pool.get().await.unwrap();
+    let claimed = shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1000)
         .await
         .unwrap();
     let order: Vec<String> = claimed.iter().map(|c| c.job.id.to_string()).collect();
@@ -119,11 +119,7 @@ async fn the_status_route_shows_a_completed_job_with_its_media() {
     )
     .await;
     let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
-    let conn = t.db.pool.get().await.unwrap();
-    let claim = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
+    let claim = claim(&t, id).await;
     shared::worker::run_claimed(&t.app, claim).await.unwrap();
 
     let (status, body) = call(

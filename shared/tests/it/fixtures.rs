@@ -99,6 +99,20 @@ async fn the_status_and_health_fixtures_answer_200() {
 }
 
 #[tokio::test]
+async fn the_cancel_fixture_cancels_the_fixture_users_job() {
+    let t = TestApp::embedded().await;
+    t.insert_job(
+        FIXTURE_JOB.parse().unwrap(),
+        &user("user-a", Some("tenant-x")),
+        "fixture",
+    )
+    .await;
+    let (status, body) = http(&t, "cancel.json").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+}
+
+#[tokio::test]
 async fn the_sqs_fixture_runs_its_job_through_the_worker() {
     let t = TestApp::embedded().await;
     let id: Uuid = FIXTURE_JOB.parse().unwrap();
@@ -120,7 +134,7 @@ async fn the_schedule_fixture_runs_the_poller() {
     let report = shared::poller::handle_schedule(&t.app, event)
         .await
         .unwrap();
-    assert_eq!(report["queued"], 1);
-    assert_eq!(report["completed"], 0);
-    assert_eq!(report.len(), 5);
+    assert_eq!(report.jobs["queued"], 1);
+    assert_eq!(report.jobs["completed"], 0);
+    assert_eq!(report.jobs.len(), 5);
 }

@@ -3,6 +3,7 @@
 mod api;
 mod fixtures;
 mod queue;
+mod reliability;
 mod repository;
 mod support;
 mod worker;

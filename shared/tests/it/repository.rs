@@ -60,8 +60,8 @@ async fn concurrent_claims_of_the_queue_never_take_the_same_job() {
     let claims = futures::future::join_all((0..8).map(|_| {
         let pool = t.db.pool.clone();
         async move {
-            let conn = pool.get().await.unwrap();
-            shared::jobs::claim_next(&conn, 5, Duration::from_secs(60))
+            let mut conn = pool.get().await.unwrap();
+            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1000)
                 .await
                 .unwrap()
         }
@@ -81,24 +81,27 @@ async fn a_finished_job_cannot_be_failed_requeued_or_claimed_again() {
     let id = Uuid::now_v7();
     t.insert_job(id, &user("alice", None), "x").await;
     let conn = t.db.pool.get().await.unwrap();
-    let claim = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
+    let claim = claim(&t, id).await;
+    assert!(shared::jobs::fail(&conn, &claim, "first", false)
         .await
-        .unwrap()
-        .unwrap();
-    assert!(shared::jobs::fail(&conn, &claim, "first").await.unwrap());
-    assert!(!shared::jobs::fail(&conn, &claim, "second").await.unwrap());
-    assert!(!shared::jobs::requeue(&conn, &claim, "again").await.unwrap());
+        .unwrap());
+    assert!(!shared::jobs::fail(&conn, &claim, "second", false)
+        .await
+        .unwrap());
+    assert!(
+        !shared::jobs::requeue(&conn, &claim, "again", Duration::ZERO)
+            .await
+            .unwrap()
+    );
     assert!(
         !shared::jobs::heartbeat(&conn, &claim, 50, Duration::from_secs(60))
             .await
             .unwrap()
     );
-    assert!(
-        shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(matches!(
+        claim_result(&t, id).await,
+        ClaimResult::NotClaimable
+    ));
     let row = t.job_row(id).await;
     assert_eq!(
         row.get::<_, Option<String>>("error_message").as_deref(),
@@ -112,10 +115,7 @@ async fn progress_never_goes_down() {
     let id = Uuid::now_v7();
     t.insert_job(id, &user("alice", None), "x").await;
     let conn = t.db.pool.get().await.unwrap();
-    let claim = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
+    let claim = claim(&t, id).await;
     assert!(
         shared::jobs::heartbeat(&conn, &claim, 60, Duration::from_secs(60))
             .await

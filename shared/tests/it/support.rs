@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use deadpool_postgres::Pool;
 use lambda_http::{aws_lambda_events::sqs::SqsMessage, Body, Request, RequestExt};
+pub use shared::jobs::ClaimResult;
 use shared::{
     db,
     generator::{GenerateError, GeneratedFile, Generator, Progress, Simulator},
@@ -207,6 +208,21 @@ impl TestApp {
         )
         .await
         .unwrap();
+    }
+}
+
+/// Claims the job as a worker would, with a slot limit that does not get in the way.
+pub async fn claim_result(t: &TestApp, id: Uuid) -> ClaimResult {
+    let mut conn = t.db.pool.get().await.unwrap();
+    shared::jobs::claim_by_id(&mut conn, id, Duration::from_secs(60), 1000)
+        .await
+        .unwrap()
+}
+
+pub async fn claim(t: &TestApp, id: Uuid) -> shared::jobs::Claimed {
+    match claim_result(t, id).await {
+        ClaimResult::Claimed(c) => c,
+        other => panic!("expected to claim {id}, got {other:?}"),
     }
 }
 

@@ -1,0 +1,15 @@
+-- Fails a job whose last allowed attempt lost its lease.
+WITH job AS (
+    UPDATE generation_jobs
+    SET status = 'failed',
+        error_message = $3,
+        lease_expires_at = NULL,
+        completed_at = now(),
+        updated_at = now()
+    WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at < now()
+    RETURNING id, attempts
+)
+INSERT INTO job_errors (job_id, attempt, retryable, message)
+SELECT id, attempts, true, $3 FROM job
+ON CONFLICT (job_id, attempt) DO NOTHING
+RETURNING job_id

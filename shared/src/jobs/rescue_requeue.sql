@@ -1,0 +1,16 @@
+-- Takes a job from an attempt whose lease expired and queues it again, not before $4. Guarded by
+-- the attempt and by the lease still being expired, so a worker that renewed in time keeps it.
+WITH job AS (
+    UPDATE generation_jobs
+    SET status = 'queued',
+        error_message = $3,
+        lease_expires_at = NULL,
+        run_after = $4,
+        updated_at = now()
+    WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at < now()
+    RETURNING id, attempts
+)
+INSERT INTO job_errors (job_id, attempt, retryable, message)
+SELECT id, attempts, true, $3 FROM job
+ON CONFLICT (job_id, attempt) DO NOTHING
+RETURNING job_id

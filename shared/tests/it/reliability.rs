@@ -1,0 +1,472 @@
+//! Slots, rescue, the outbox, cancellation, kept errors and credits.
+
+use std::time::Duration;
+
+use lambda_http::aws_lambda_events::sqs::SqsEvent;
+use shared::{queue::Dispatcher, worker::Outcome};
+use uuid::Uuid;
+
+use crate::support::*;
+
+async fn sql(t: &TestApp, statement: &str, id: Uuid) {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(statement, &[&id]).await.unwrap();
+}
+
+fn batch(records: Vec<lambda_http::aws_lambda_events::sqs::SqsMessage>) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = records;
+    event
+}
+
+#[tokio::test]
+async fn racing_claimers_never_hold_more_jobs_than_there_are_slots() {
+    let t = TestApp::embedded().await; // MAX_CONCURRENT_JOBS = 3
+    for _ in 0..20 {
+        t.insert_job(Uuid::now_v7(), &user("alice", None), "x")
+            .await;
+    }
+    let claims = futures::future::join_all((0..8).map(|_| {
+        let pool = t.db.pool.clone();
+        async move {
+            let mut conn = pool.get().await.unwrap();
+            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 3)
+                .await
+                .unwrap()
+                .len()
+        }
+    }))
+    .await;
+    assert_eq!(claims.iter().sum::<usize>(), 3);
+
+    let queued = {
+        let conn = t.db.pool.get().await.unwrap();
+        let id: Uuid = conn
+            .query_one(
+                "SELECT id FROM generation_jobs WHERE status = 'queued' LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        id
+    };
+    let mut conn = t.db.pool.get().await.unwrap();
+    let result = shared::jobs::claim_by_id(&mut conn, queued, Duration::from_secs(60), 3)
+        .await
+        .unwrap();
+    assert!(matches!(result, ClaimResult::NoSlot), "{result:?}");
+}
+
+#[tokio::test]
+async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_one() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let (_, body) = call(
+            &t.app,
+            api_request(
+                "POST",
+                "/api/generate/character",
+                Some(&alice),
+                Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+            ),
+        )
+        .await;
+        ids.push(body["jobId"].as_str().unwrap().parse::<Uuid>().unwrap());
+    }
+    let position = |id: Uuid| {
+        let app = t.app.clone();
+        let alice = alice.clone();
+        async move {
+            let (_, body) = call(
+                &app,
+                api_request(
+                    "GET",
+                    &format!("/api/generate/status/{id}"),
+                    Some(&alice),
+                    None,
+                ),
+            )
+            .await;
+            body["position"].as_i64()
+        }
+    };
+    for (started, expected) in ids.iter().enumerate() {
+        for (i, id) in ids.iter().enumerate().skip(started) {
+            assert_eq!(
+                position(*id).await,
+                Some((i - started + 1) as i64),
+                "job {i} after {started} started"
+            );
+        }
+        let mut conn = t.db.pool.get().await.unwrap();
+        let claimed = shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+            vec![*expected]
+        );
+        assert!(
+            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(shared::jobs::fail(&conn, &claimed[0], "done", false)
+            .await
+            .unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_message_whose_job_has_no_slot_is_deferred_not_failed_and_not_lost() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::sqs(&queue).await; // MAX_CONCURRENT_JOBS = 3
+    let alice = user("alice", None);
+    for _ in 0..3 {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &alice, "busy").await;
+        claim(&t, id).await;
+    }
+    let waiting = Uuid::now_v7();
+    t.insert_job(waiting, &alice, "wait").await;
+    // Deliver through SQS, as the event source mapping would.
+    queue
+        .client
+        .send_message()
+        .queue_url(&queue.url)
+        .message_body(job_message(waiting))
+        .send()
+        .await
+        .unwrap();
+    let received =
+        shared::worker::poll_sqs_once(&t.app, &queue.client, &queue.url, Duration::from_secs(1))
+            .await
+            .unwrap();
+    assert_eq!(received, 1);
+    assert_eq!(t.status_of(waiting).await, "queued");
+    assert_eq!(t.generator.calls_for(waiting), 0);
+    let (visible, in_flight, _) = queue.depth().await;
+    assert_eq!(
+        (visible, in_flight),
+        (0, 1),
+        "the message is kept, hidden for its backoff"
+    );
+}
+
+#[tokio::test]
+async fn the_rescuer_requeues_a_job_whose_lease_expired_and_keeps_the_error() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "x").await;
+    let stale = claim(&t, id).await;
+    sql(
+        &t,
+        "UPDATE generation_jobs SET lease_expires_at = now() - interval '1 minute' WHERE id = $1",
+        id,
+    )
+    .await;
+
+    let (requeued, failed) = shared::poller::rescue(&t.app, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!((requeued, failed), (1, 0));
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "queued");
+    assert!(row
+        .get::<_, Option<String>>("error_message")
+        .unwrap()
+        .contains("stopped renewing its lease"));
+    // Rescuing again finds nothing: it is no longer processing.
+    assert_eq!(
+        shared::poller::rescue(&t.app, chrono::Utc::now())
+            .await
+            .unwrap(),
+        (0, 0)
+    );
+
+    // The worker that lost the lease finishes late: nothing it does applies.
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, stale).await.unwrap(),
+        Outcome::Superseded
+    );
+    assert_eq!(t.status_of(id).await, "queued");
+
+    // Once its backoff has passed it runs again, as attempt 2, and the first error is kept.
+    sql(
+        &t,
+        "UPDATE generation_jobs SET run_after = now() WHERE id = $1",
+        id,
+    )
+    .await;
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(id))])).await;
+    assert!(response.batch_item_failures.is_empty());
+    let row = t.job_row(id).await;
+    assert_eq!(
+        (
+            row.get::<_, String>("status"),
+            row.get::<_, i32>("attempts")
+        ),
+        ("completed".into(), 2)
+    );
+    let (_, body) = call(
+        &t.app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{id}"),
+            Some(&user("alice", None)),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(body["attemptErrors"][0]["attempt"], 1, "{body}");
+}
+
+#[tokio::test]
+async fn a_job_still_backing_off_is_not_run_early_by_a_duplicate_message() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::sqs(&queue).await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "x").await;
+    sql(
+        &t,
+        "UPDATE generation_jobs SET run_after = now() + interval '1 hour' WHERE id = $1",
+        id,
+    )
+    .await;
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(id))])).await;
+    assert_eq!(
+        response.batch_item_failures.len(),
+        1,
+        "kept for later delivery"
+    );
+    assert_eq!(t.generator.calls_for(id), 0);
+    assert_eq!(t.status_of(id).await, "queued");
+}
+
+#[tokio::test]
+async fn the_rescuer_fails_a_job_whose_last_attempt_lost_its_lease() {
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("alice", None), "x").await;
+    claim(&t, id).await;
+    sql(&t, "UPDATE generation_jobs SET attempts = max_attempts, lease_expires_at = now() - interval '1 second' WHERE id = $1", id).await;
+    assert_eq!(
+        shared::poller::rescue(&t.app, chrono::Utc::now())
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+    let row = t.job_row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert!(row
+        .get::<_, Option<String>>("error_message")
+        .unwrap()
+        .starts_with("gave up after 3 attempts"));
+}
+
+#[tokio::test]
+async fn the_rescuer_leaves_live_leases_alone_and_pages_through_many_expired_ones() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let live = Uuid::now_v7();
+    t.insert_job(live, &alice, "live").await;
+    claim(&t, live).await;
+    for _ in 0..250 {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &alice, "dead").await;
+        claim(&t, id).await;
+        sql(&t, "UPDATE generation_jobs SET lease_expires_at = now() - interval '5 minutes' WHERE id = $1", id).await;
+    }
+    assert_eq!(
+        shared::poller::rescue(&t.app, chrono::Utc::now())
+            .await
+            .unwrap(),
+        (250, 0)
+    );
+    assert_eq!(t.status_of(live).await, "processing");
+}
+
+#[tokio::test]
+async fn when_sqs_was_down_at_enqueue_the_outbox_sends_the_job_later_and_it_completes() {
+    let queue = TestQueue::new().await;
+    let down = TestApp::with(
+        |_| {
+            Dispatcher::sqs(
+                sqs_client_for("http://127.0.0.1:9"),
+                "http://127.0.0.1:9/123456789012/nowhere".into(),
+            )
+        },
+        Duration::ZERO,
+    )
+    .await;
+    let alice = user("alice", None);
+    let (status, body) = call(
+        &down.app,
+        api_request(
+            "POST",
+            "/api/generate/character",
+            Some(&alice),
+            Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+
+    // SQS is back. Within the grace period the poller leaves the job alone...
+    let mut app = down.app.clone();
+    app.queue = Dispatcher::sqs(queue.client.clone(), queue.url.clone());
+    assert_eq!(shared::poller::redispatch(&app).await.unwrap(), 0);
+    // ...and once it has waited past it, the outbox sends its message, once.
+    sql(&down, "UPDATE generation_jobs SET created_at = created_at - interval '5 minutes', run_after = run_after - interval '5 minutes' WHERE id = $1", id).await;
+    assert_eq!(shared::poller::redispatch(&app).await.unwrap(), 1);
+    assert_eq!(
+        shared::poller::redispatch(&app).await.unwrap(),
+        0,
+        "not re-sent again within the grace period"
+    );
+
+    shared::worker::poll_sqs_once(&app, &queue.client, &queue.url, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(down.status_of(id).await, "completed");
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_is_immediate_and_it_never_runs() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", Some("t"));
+    let id = Uuid::now_v7();
+    t.insert_job(id, &alice, "x").await;
+    for (method, path) in [
+        ("POST", format!("/api/generate/cancel/{id}")),
+        ("DELETE", format!("/api/jobs/{id}")),
+    ] {
+        let (status, body) = call(&t.app, api_request(method, &path, Some(&alice), None)).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("cancelled")),
+            "{method} {path}: {body}"
+        );
+    }
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(id))])).await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.generator.calls_for(id), 0);
+    assert_eq!(t.status_of(id).await, "cancelled");
+}
+
+#[tokio::test]
+async fn a_cancelled_processing_job_discards_its_workers_result_and_is_charged_nothing() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let id = Uuid::now_v7();
+    t.insert_job(id, &alice, "x").await;
+    let running = claim(&t, id).await;
+    let (status, _) = call(
+        &t.app,
+        api_request(
+            "POST",
+            &format!("/api/generate/cancel/{id}"),
+            Some(&alice),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, running).await.unwrap(),
+        Outcome::Superseded
+    );
+    let conn = t.db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT status::text, credits_used, result_media_id FROM generation_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "cancelled");
+    assert_eq!(row.get::<_, i32>(1), 0);
+    assert_eq!(row.get::<_, Option<Uuid>>(2), None);
+}
+
+#[tokio::test]
+async fn cancel_answers_404_for_someone_elses_job_and_409_for_a_finished_one() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let id = Uuid::now_v7();
+    t.insert_job(id, &alice, "x").await;
+    let (status, body) = call(
+        &t.app,
+        api_request(
+            "POST",
+            &format!("/api/generate/cancel/{id}"),
+            Some(&user("bob", None)),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("job_not_found"))
+    );
+    assert_eq!(
+        t.status_of(id).await,
+        "queued",
+        "bob's attempt changed nothing"
+    );
+
+    shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(id))])).await;
+    let (status, body) = call(
+        &t.app,
+        api_request("DELETE", &format!("/api/jobs/{id}"), Some(&alice), None),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("job_finished")),
+        "{body}"
+    );
+    assert_eq!(t.status_of(id).await, "completed");
+}
+
+#[tokio::test]
+async fn credits_are_charged_once_at_completion_and_never_for_failures() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let (ok, bad) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(ok, &alice, "fine").await;
+    t.insert_job(bad, &alice, "simulate:fail").await;
+    for _ in 0..2 {
+        shared::worker::handle_sqs(
+            &t.app,
+            batch(vec![
+                sqs_record("a", &job_message(ok)),
+                sqs_record("b", &job_message(bad)),
+            ]),
+        )
+        .await;
+    }
+    let conn = t.db.pool.get().await.unwrap();
+    let credits = |id: Uuid| {
+        let conn = &conn;
+        async move {
+            conn.query_one(
+                "SELECT credits_used FROM generation_jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i32>(0)
+        }
+    };
+    assert_eq!(credits(ok).await, t.app.config.credits.character_image);
+    assert_eq!(credits(bad).await, 0);
+}
