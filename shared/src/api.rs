@@ -211,6 +211,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
             entity_id: request.entity_id,
             params: &request.params,
             max_attempts: app.config.job_max_attempts as i32,
+            slots: app.config.max_concurrent_jobs,
         },
     )
     .await?;
@@ -221,8 +222,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         tracing::error!(job_id = %id, error = %chain(&e), "job accepted but its message was not sent; it stays queued");
     }
 
-    let free_slots = (app.config.max_concurrent_jobs as i64 - admitted.active).max(0);
-    let direct = admitted.queued_ahead < free_slots;
+    let direct = admitted.direct;
     tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = request.job_type.as_str(),
         mode = if direct { "direct" } else { "queued" }, "job enqueued");
     let response = if direct {

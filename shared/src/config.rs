@@ -141,7 +141,7 @@ impl Config {
         Ok(Self {
             database_url: lookup("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?,
             sqs_queue_url: lookup("SQS_QUEUE_URL"),
-            max_concurrent_jobs: number(&lookup, "MAX_CONCURRENT_JOBS", 5, 1..=10_000)?,
+            max_concurrent_jobs: number(&lookup, "MAX_CONCURRENT_JOBS", 5, 1..=1_000)?,
             job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
             job_lease: Duration::from_secs(
                 number(&lookup, "JOB_LEASE_SECONDS", 300, 5..=86_400)?.into(),

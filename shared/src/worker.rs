@@ -117,9 +117,9 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
         .map_err(WorkerError::BadMessage)?;
     tracing::Span::current().record("job_id", field::display(message.job_id));
     let claim = {
-        let mut conn = app.pool.get().await?;
+        let conn = app.pool.get().await?;
         jobs::claim_by_id(
-            &mut conn,
+            &conn,
             message.job_id,
             app.config.job_lease,
             app.config.max_concurrent_jobs,
@@ -292,8 +292,8 @@ pub async fn run_embedded(
             permits.push(p);
         }
         let claimed = match app.pool.get().await {
-            Ok(mut conn) => jobs::claim_next(
-                &mut conn,
+            Ok(conn) => jobs::claim_next(
+                &conn,
                 permits.len() as i64,
                 app.config.job_lease,
                 app.config.max_concurrent_jobs,

@@ -1,4 +1,5 @@
--- Stores the job's media and completes it in one statement, fenced by the attempt that ran it.
+-- Stores the job's media, completes it and frees its slot in one statement, fenced by the
+-- attempt that ran it.
 -- The row is locked first so that media are written only if the completion itself will apply.
 WITH job AS (
     SELECT id, user_id, tenant_id FROM generation_jobs
@@ -15,16 +16,22 @@ WITH job AS (
              WITH ORDINALITY AS m(id, media_type, mime_type, storage, storage_key, public_url,
                                   width, height, size_bytes, ordinal)
     RETURNING id, ordinal
+), done AS (
+    UPDATE generation_jobs
+    SET status = 'completed',
+        progress = 100,
+        result_media_id = (SELECT id FROM media WHERE ordinal = 0),
+        model_used = $12,
+        credits_used = $13,
+        error_message = NULL,
+        lease_expires_at = NULL,
+        completed_at = now(),
+        updated_at = now()
+    WHERE id IN (SELECT id FROM job)
+    RETURNING id, completed_at
+), released AS (
+    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    WHERE job_id IN (SELECT id FROM done)
+    RETURNING slot
 )
-UPDATE generation_jobs
-SET status = 'completed',
-    progress = 100,
-    result_media_id = (SELECT id FROM media WHERE ordinal = 0),
-    model_used = $12,
-    credits_used = $13,
-    error_message = NULL,
-    lease_expires_at = NULL,
-    completed_at = now(),
-    updated_at = now()
-WHERE id IN (SELECT id FROM job)
-RETURNING completed_at
+SELECT completed_at FROM done

@@ -8,8 +8,14 @@ WITH job AS (
         updated_at = now()
     WHERE id = $1 AND status = 'processing' AND attempts = $2
     RETURNING id, attempts
+), released AS (
+    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    WHERE job_id IN (SELECT id FROM job)
+    RETURNING slot
+), kept AS (
+    INSERT INTO job_errors (job_id, attempt, retryable, message)
+    SELECT id, attempts, $4, $3 FROM job
+    ON CONFLICT (job_id, attempt) DO NOTHING
+    RETURNING job_id
 )
-INSERT INTO job_errors (job_id, attempt, retryable, message)
-SELECT id, attempts, $4, $3 FROM job
-ON CONFLICT (job_id, attempt) DO NOTHING
-RETURNING job_id
+SELECT id FROM job

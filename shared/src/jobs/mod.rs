@@ -26,15 +26,22 @@ pub struct NewJob<'a> {
     pub entity_id: Uuid,
     pub params: &'a serde_json::Value,
     pub max_attempts: i32,
+    /// MAX_CONCURRENT_JOBS: how many slots there are to reserve from.
+    pub slots: u32,
 }
 
-/// The load a new job was admitted into, seen from the snapshot that inserted it.
+/// How a new job was admitted.
 #[derive(Debug, Clone, Copy)]
 pub struct Admitted {
     pub created_at: DateTime<Utc>,
-    pub active: i64,
+    /// A slot was reserved for it: it starts as soon as a worker takes its message.
+    pub direct: bool,
+    /// Queued jobs before it (its position is one more).
     pub queued_ahead: i64,
 }
+
+/// How long a slot reserved at enqueue waits for the job's worker before it lapses.
+pub const RESERVATION: Duration = Duration::from_secs(60);
 
 /// A job claimed by a worker: the attempt number fences every later transition.
 #[derive(Debug, Clone)]
@@ -82,12 +89,14 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
                 &new.entity_id,
                 new.params,
                 &new.max_attempts,
+                &(new.slots as i32),
+                &RESERVATION.as_secs_f64(),
             ],
         )
         .await?;
     Ok(Admitted {
         created_at: row.try_get("created_at")?,
-        active: row.try_get("active")?,
+        direct: row.try_get("direct")?,
         queued_ahead: row.try_get("queued_ahead")?,
     })
 }
@@ -104,67 +113,61 @@ pub enum ClaimResult {
     NotClaimable,
 }
 
-/// Serialises claimers (not enqueues): the slot count a claim reads is then always the count
-/// the previous claim committed. Claims are few (one per job start), so this costs little.
-const CLAIM_LOCK: i64 = 0x6d6a_636c_6169_6d00; // "mjclaim"
-
-/// Claims the named job if it is queued, due, and one of `max_active` slots is free.
+/// Claims the named job if it is queued and due, with the slot reserved for it or a free one
+/// among the first `max_active`. One statement; only a failed claim asks why.
 pub async fn claim_by_id(
-    conn: &mut deadpool_postgres::Client,
+    db: &impl GenericClient,
     id: Uuid,
     lease: Duration,
     max_active: u32,
 ) -> Result<ClaimResult, JobsError> {
-    let tx = conn.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
-        .await?;
-    let stmt = tx.prepare_cached(include_str!("claim_by_id.sql")).await?;
-    let row = tx
-        .query_opt(&stmt, &[&id, &lease.as_secs_f64(), &(max_active as i64)])
-        .await?;
-    let result = match row {
-        Some(row) => ClaimResult::Claimed(Claimed {
+    let stmt = db.prepare_cached(include_str!("claim_by_id.sql")).await?;
+    if let Some(row) = db
+        .query_opt(&stmt, &[&id, &lease.as_secs_f64(), &(max_active as i32)])
+        .await?
+    {
+        return Ok(ClaimResult::Claimed(Claimed {
             job: job_from_row(&row)?,
-        }),
-        None => {
-            let stmt = tx.prepare_cached(include_str!("claim_state.sql")).await?;
-            match tx.query_opt(&stmt, &[&id]).await? {
-                Some(row) if row.try_get::<_, JobStatus>("status")? == JobStatus::Queued => {
-                    if row.try_get("due")? {
-                        ClaimResult::NoSlot
-                    } else {
-                        ClaimResult::NotDue(row.try_get("run_after")?)
-                    }
-                }
-                _ => ClaimResult::NotClaimable,
+        }));
+    }
+    let stmt = db.prepare_cached(include_str!("claim_state.sql")).await?;
+    Ok(match db.query_opt(&stmt, &[&id]).await? {
+        Some(row) if row.try_get::<_, JobStatus>("status")? == JobStatus::Queued => {
+            if row.try_get("due")? {
+                ClaimResult::NoSlot
+            } else {
+                ClaimResult::NotDue(row.try_get("run_after")?)
             }
         }
-    };
-    tx.commit().await?;
-    Ok(result)
+        _ => ClaimResult::NotClaimable,
+    })
 }
 
-/// Claims up to `limit` of the oldest due queued jobs, within the free slots.
+/// Claims up to `limit` of the oldest due queued jobs, as slots allow (the embedded queue).
 pub async fn claim_next(
-    conn: &mut deadpool_postgres::Client,
+    db: &impl GenericClient,
     limit: i64,
     lease: Duration,
     max_active: u32,
 ) -> Result<Vec<Claimed>, JobsError> {
-    let tx = conn.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+    let stmt = db
+        .prepare_cached(include_str!("claim_candidates.sql"))
         .await?;
-    let stmt = tx.prepare_cached(include_str!("claim_next.sql")).await?;
-    let rows = tx
-        .query(&stmt, &[&limit, &lease.as_secs_f64(), &(max_active as i64)])
-        .await?;
-    tx.commit().await?;
-    let mut claimed: Vec<Claimed> = rows
+    let candidates: Vec<Uuid> = db
+        .query(&stmt, &[&limit])
+        .await?
         .iter()
-        .map(|r| job_from_row(r).map(|job| Claimed { job }))
+        .map(|r| r.try_get("id"))
         .collect::<Result<_, _>>()?;
-    // UPDATE ... RETURNING does not keep the CTE's order; hand jobs out oldest first.
-    claimed.sort_by_key(|c| (c.job.created_at, c.job.id));
+    let mut claimed = Vec::with_capacity(candidates.len());
+    for id in candidates {
+        match claim_by_id(db, id, lease, max_active).await? {
+            ClaimResult::Claimed(c) => claimed.push(c),
+            // Every slot is taken: later candidates cannot get one either.
+            ClaimResult::NoSlot => break,
+            ClaimResult::NotDue(_) | ClaimResult::NotClaimable => {}
+        }
+    }
     Ok(claimed)
 }
 

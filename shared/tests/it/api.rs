@@ -92,8 +92,8 @@ async fn when_every_slot_is_taken_a_job_is_queued_with_its_true_position() {
     )
     .await;
     assert_eq!(status["position"], 5);
-    let mut conn = t.db.pool.get().await.unwrap();
-    let claimed = shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1000)
+    let conn = t.db.pool.get().await.unwrap();
+    let claimed = shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 1000)
         .await
         .unwrap();
     let order: Vec<String> = claimed.iter().map(|c| c.job.id.to_string()).collect();

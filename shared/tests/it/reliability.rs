@@ -29,8 +29,8 @@ async fn racing_claimers_never_hold_more_jobs_than_there_are_slots() {
     let claims = futures::future::join_all((0..8).map(|_| {
         let pool = t.db.pool.clone();
         async move {
-            let mut conn = pool.get().await.unwrap();
-            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 3)
+            let conn = pool.get().await.unwrap();
+            shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 3)
                 .await
                 .unwrap()
                 .len()
@@ -51,8 +51,8 @@ async fn racing_claimers_never_hold_more_jobs_than_there_are_slots() {
             .get(0);
         id
     };
-    let mut conn = t.db.pool.get().await.unwrap();
-    let result = shared::jobs::claim_by_id(&mut conn, queued, Duration::from_secs(60), 3)
+    let conn = t.db.pool.get().await.unwrap();
+    let result = shared::jobs::claim_by_id(&conn, queued, Duration::from_secs(60), 3)
         .await
         .unwrap();
     assert!(matches!(result, ClaimResult::NoSlot), "{result:?}");
@@ -60,7 +60,12 @@ async fn racing_claimers_never_hold_more_jobs_than_there_are_slots() {
 
 #[tokio::test]
 async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_one() {
-    let t = TestApp::embedded().await;
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "1")],
+    )
+    .await;
     let alice = user("alice", None);
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -101,8 +106,8 @@ async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_on
                 "job {i} after {started} started"
             );
         }
-        let mut conn = t.db.pool.get().await.unwrap();
-        let claimed = shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1)
+        let conn = t.db.pool.get().await.unwrap();
+        let claimed = shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 1)
             .await
             .unwrap();
         assert_eq!(
@@ -110,7 +115,7 @@ async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_on
             vec![*expected]
         );
         assert!(
-            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1)
+            shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 1)
                 .await
                 .unwrap()
                 .is_empty()
@@ -119,6 +124,98 @@ async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_on
             .await
             .unwrap());
     }
+}
+
+#[tokio::test]
+async fn fifty_racing_enqueues_with_four_free_slots_get_exactly_four_direct_answers() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "4")],
+    )
+    .await;
+    let answers = futures::future::join_all((0..50).map(|i| {
+        let app = t.app.clone();
+        async move {
+            let who = user(&format!("user-{}", i % 7), None);
+            call(
+                &app,
+                api_request(
+                    "POST",
+                    "/api/generate/character",
+                    Some(&who),
+                    Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+                ),
+            )
+            .await
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|(status, _)| *status == 202));
+    let direct: Vec<&serde_json::Value> = answers
+        .iter()
+        .map(|(_, b)| b)
+        .filter(|b| b["mode"] == "direct")
+        .collect();
+    assert_eq!(direct.len(), 4);
+    // The direct ones are the ones holding the slots, and they do start.
+    let conn = t.db.pool.get().await.unwrap();
+    let held: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM job_slots WHERE lease_expires_at > now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 4);
+    for body in direct {
+        let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+        let result = shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60), 4)
+            .await
+            .unwrap();
+        assert!(matches!(result, ClaimResult::Claimed(_)), "{result:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_slot_reserved_for_a_job_whose_message_never_comes_frees_itself() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "1")],
+    )
+    .await;
+    let alice = user("alice", None);
+    let body = r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#;
+    let (_, first) = call(
+        &t.app,
+        api_request("POST", "/api/generate/character", Some(&alice), Some(body)),
+    )
+    .await;
+    let (_, second) = call(
+        &t.app,
+        api_request("POST", "/api/generate/character", Some(&alice), Some(body)),
+    )
+    .await;
+    assert_eq!(
+        (first["mode"].as_str(), second["mode"].as_str()),
+        (Some("direct"), Some("queued"))
+    );
+    // The first job's worker never shows up; its reservation runs out.
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute("UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id IS NOT NULL", &[])
+        .await
+        .unwrap();
+    let second_id: Uuid = second["jobId"].as_str().unwrap().parse().unwrap();
+    let claimed = shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "one slot, one job");
+    assert_ne!(
+        claimed[0].job.id, second_id,
+        "FIFO: the older job still goes first"
+    );
 }
 
 #[tokio::test]

@@ -57,17 +57,25 @@ async fn concurrent_claims_of_the_queue_never_take_the_same_job() {
         t.insert_job(Uuid::now_v7(), &user("alice", None), "x")
             .await;
     }
-    let claims = futures::future::join_all((0..8).map(|_| {
-        let pool = t.db.pool.clone();
-        async move {
-            let mut conn = pool.get().await.unwrap();
-            shared::jobs::claim_next(&mut conn, 5, Duration::from_secs(60), 1000)
-                .await
-                .unwrap()
+    // Eight claimers race round after round until the queue is empty.
+    let mut ids: Vec<Uuid> = Vec::new();
+    for _round in 0..20 {
+        let claims = futures::future::join_all((0..8).map(|_| {
+            let pool = t.db.pool.clone();
+            async move {
+                let conn = pool.get().await.unwrap();
+                shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), 1000)
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        let round: Vec<Uuid> = claims.iter().flatten().map(|c| c.job.id).collect();
+        if round.is_empty() {
+            break;
         }
-    }))
-    .await;
-    let mut ids: Vec<Uuid> = claims.iter().flatten().map(|c| c.job.id).collect();
+        ids.extend(round);
+    }
     let total = ids.len();
     ids.sort();
     ids.dedup();

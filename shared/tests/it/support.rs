@@ -80,9 +80,23 @@ impl Drop for TestDb {
 }
 
 pub fn config(database_url: &str, media_dir: &std::path::Path) -> Config {
+    config_with(database_url, media_dir, &[])
+}
+
+/// The test configuration with some variables set otherwise.
+pub fn config_with(
+    database_url: &str,
+    media_dir: &std::path::Path,
+    overrides: &[(&str, &str)],
+) -> Config {
     let url = database_url.to_owned();
     let dir = media_dir.to_string_lossy().into_owned();
+    let overrides: HashMap<String, String> = overrides
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     Config::from_lookup(move |name| match name {
+        _ if overrides.contains_key(name) => overrides.get(name).cloned(),
         "DATABASE_URL" => Some(url.clone()),
         "GENERATOR" => Some("simulator".into()),
         "SIMULATOR_DURATION_MS" => Some("0".into()),
@@ -158,9 +172,17 @@ impl TestApp {
     }
 
     pub async fn with(queue: impl FnOnce(&Config) -> Dispatcher, hold: Duration) -> Self {
+        Self::configured(queue, hold, &[]).await
+    }
+
+    pub async fn configured(
+        queue: impl FnOnce(&Config) -> Dispatcher,
+        hold: Duration,
+        overrides: &[(&str, &str)],
+    ) -> Self {
         let db = TestDb::new().await;
         let media = tempdir::TempDir::new();
-        let config = config(&db.url, media.path());
+        let config = config_with(&db.url, media.path(), overrides);
         let generator = CountingGenerator::new(hold);
         let queue = queue(&config);
         let app = App::new(config, db.pool.clone(), queue, generator.clone());
@@ -204,6 +226,7 @@ impl TestApp {
                 entity_id: Uuid::new_v4(),
                 params: &serde_json::json!({ "prompt": prompt }),
                 max_attempts: 3,
+                slots: self.app.config.max_concurrent_jobs,
             },
         )
         .await
@@ -213,8 +236,8 @@ impl TestApp {
 
 /// Claims the job as a worker would, with a slot limit that does not get in the way.
 pub async fn claim_result(t: &TestApp, id: Uuid) -> ClaimResult {
-    let mut conn = t.db.pool.get().await.unwrap();
-    shared::jobs::claim_by_id(&mut conn, id, Duration::from_secs(60), 1000)
+    let conn = t.db.pool.get().await.unwrap();
+    shared::jobs::claim_by_id(&conn, id, Duration::from_secs(60), 1000)
         .await
         .unwrap()
 }
