@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use lambda_http::{http::StatusCode, Body, Request, Response};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::json;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -116,6 +117,17 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
 /// Routes one request. Used as is by both HTTP functions and the local runner; API Gateway only
 /// sends each function its own routes, and anything else is answered here as a 404.
 pub async fn handle(app: &App, req: Request) -> Response<Body> {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        user_id = tracing::field::Empty,
+        job_id = tracing::field::Empty
+    );
+    route(app, req).instrument(span).await
+}
+
+async fn route(app: &App, req: Request) -> Response<Body> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
@@ -148,7 +160,9 @@ async fn health(app: &App) -> Result<Response<Body>, ApiError> {
 }
 
 fn caller(req: &Request) -> Result<Identity, ApiError> {
-    auth::identity(req).ok_or(ApiError::Unauthorized)
+    let identity = auth::identity(req).ok_or(ApiError::Unauthorized)?;
+    tracing::Span::current().record("user_id", identity.user_id.as_str());
+    Ok(identity)
 }
 
 // ---- enqueue -------------------------------------------------------------------------------
@@ -201,6 +215,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
     let owner = caller(req)?;
     let request = parse_job_request(kind, req.body())?;
     let id = Uuid::now_v7();
+    tracing::Span::current().record("job_id", tracing::field::display(id));
     let conn = app.pool.get().await?;
     let admitted = jobs::insert(
         &conn,
@@ -223,6 +238,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
     }
 
     let direct = admitted.direct;
+    app.metrics.job_enqueued(request.job_type, direct);
     tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = request.job_type.as_str(),
         mode = if direct { "direct" } else { "queued" }, "job enqueued");
     let response = if direct {
@@ -376,7 +392,10 @@ async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
 }
 
 fn parse_job_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad("invalid_job_id", "jobId must be a UUID"))
+    let id = Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad("invalid_job_id", "jobId must be a UUID"))?;
+    tracing::Span::current().record("job_id", tracing::field::display(id));
+    Ok(id)
 }
 
 fn job_not_found() -> ApiError {
@@ -452,6 +471,7 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     }
     if cancelled {
         tracing::info!(job_id = %id, user_id = %owner.user_id, "job cancelled");
+        app.metrics.job_cancelled(body.job_type);
     }
     Ok(json_response(StatusCode::OK, &body))
 }

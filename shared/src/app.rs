@@ -8,6 +8,7 @@ use crate::{
     config::{Config, GeneratorKind},
     db::{self, DbError},
     generator::{Generator, Simulator},
+    metrics::Metrics,
     queue::{self, Dispatcher},
     storage::LocalMediaStore,
 };
@@ -19,6 +20,7 @@ pub struct App {
     pub queue: Dispatcher,
     pub generator: Arc<dyn Generator>,
     pub store: LocalMediaStore,
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -49,6 +51,7 @@ impl App {
             queue,
             generator,
             store,
+            metrics: Metrics::from_env(),
         }
     }
 }

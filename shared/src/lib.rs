@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod generator;
 pub mod jobs;
+pub mod metrics;
 pub mod model;
 pub mod poller;
 pub mod queue;

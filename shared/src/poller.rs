@@ -44,6 +44,8 @@ pub async fn handle_schedule(
     event: EventBridgeEvent<serde_json::Value>,
 ) -> Result<Report, PollerError> {
     let (rescued, rescue_failed) = rescue(app, Utc::now()).await?;
+    // Expired leases found this tick: the jobs that were stuck past their lease.
+    let expired = rescued + rescue_failed;
     let redispatched = match &app.queue {
         // The embedded claimer reads the table itself: there are no messages to lose.
         crate::queue::Dispatcher::Embedded { .. } => 0,
@@ -60,6 +62,14 @@ pub async fn handle_schedule(
         rescue_failed,
         redispatched,
     };
+    app.metrics.poller_tick(&crate::metrics::PollerTick {
+        active: report.jobs.get("processing").copied().unwrap_or(0),
+        queued: report.jobs.get("queued").copied().unwrap_or(0),
+        expired,
+        rescued,
+        rescue_failed,
+        redispatched,
+    });
     tracing::info!(
         event_id = event.id.as_deref().unwrap_or(""),
         ?report,

@@ -9,7 +9,8 @@ pub fn init() {
     let on_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if on_lambda {
-        // Lambda stamps each line itself; the request id comes from the runtime's span.
+        // Lambda stamps each line itself. The span list carries the runtime's requestId and
+        // our own fields (user_id, job_id), so every line can be traced to its request and job.
         builder
             .json()
             .with_current_span(true)

@@ -144,10 +144,25 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
 /// Runs a claimed job to its next state. Every transition is fenced by the claim's attempt.
 pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerError> {
     let job_id = claim.job.id;
-    tracing::info!(%job_id, attempt = claim.attempt(), job_type = claim.job.job_type.as_str(), "job started");
+    let job_type = claim.job.job_type;
+    let started = std::time::Instant::now();
+    let queue_wait = claim
+        .job
+        .started_at
+        .map(|s| (s - claim.job.created_at).num_milliseconds())
+        .unwrap_or(0);
+    tracing::info!(%job_id, user_id = %claim.job.user_id, attempt = claim.attempt(), job_type = job_type.as_str(), "job started");
+    app.metrics.job_started(job_type, queue_wait as f64);
     let generated = match generate_with_heartbeat(app, &claim).await {
         Some(result) => result,
-        None => return Ok(Outcome::Superseded),
+        None => {
+            app.metrics.job_settled(
+                job_type,
+                "JobsSuperseded",
+                started.elapsed().as_secs_f64() * 1e3,
+            );
+            return Ok(Outcome::Superseded);
+        }
     };
     let conn = app.pool.get().await?;
     let outcome = match generated {
@@ -162,23 +177,28 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
         }
         Ok(files) => {
             let media = app.store.put(job_id, claim.attempt(), &files).await?;
-            if jobs::complete(
-                &conn,
-                &claim,
-                &media,
-                app.generator.model(),
-                app.config.credits.for_type(claim.job.job_type),
-            )
-            .await?
-            {
+            let credits = app.config.credits.for_type(job_type);
+            if jobs::complete(&conn, &claim, &media, app.generator.model(), credits).await? {
                 Outcome::Completed
             } else {
                 app.store.discard(&media).await;
                 Outcome::Superseded
             }
         }
-        Err(e) => settle_failure(app, &conn, &claim, e).await?,
+        Err(e) => {
+            app.metrics
+                .provider_error(job_type, matches!(e, GenerateError::Retryable(_)));
+            settle_failure(app, &conn, &claim, e).await?
+        }
     };
+    let metric = match outcome {
+        Outcome::Completed => "JobsCompleted",
+        Outcome::Failed => "JobsFailed",
+        Outcome::Requeued { .. } => "JobsRetried",
+        _ => "JobsSuperseded",
+    };
+    app.metrics
+        .job_settled(job_type, metric, started.elapsed().as_secs_f64() * 1e3);
     tracing::info!(%job_id, attempt = claim.attempt(), ?outcome, "job settled");
     Ok(outcome)
 }

@@ -7,6 +7,7 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let app = shared::App::from_config(shared::Config::from_env()?).await?;
+    app.metrics.cold_start("poller");
     let app = &app;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<EventBridgeEvent<serde_json::Value>>| async move {

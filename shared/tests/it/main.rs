@@ -2,6 +2,7 @@
 
 mod api;
 mod fixtures;
+mod metrics;
 mod queue;
 mod reliability;
 mod repository;

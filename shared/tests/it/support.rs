@@ -164,6 +164,8 @@ pub struct TestApp {
     pub db: TestDb,
     pub generator: Arc<CountingGenerator>,
     pub media: tempdir::TempDir,
+    /// Every EMF line the app emitted.
+    pub emitted: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestApp {
@@ -185,12 +187,15 @@ impl TestApp {
         let config = config_with(&db.url, media.path(), overrides);
         let generator = CountingGenerator::new(hold);
         let queue = queue(&config);
-        let app = App::new(config, db.pool.clone(), queue, generator.clone());
+        let mut app = App::new(config, db.pool.clone(), queue, generator.clone());
+        let (metrics, emitted) = shared::metrics::Metrics::capturing();
+        app.metrics = metrics;
         Self {
             app,
             db,
             generator,
             media,
+            emitted,
         }
     }
 
