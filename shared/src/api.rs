@@ -114,6 +114,17 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
         .expect("static response parts are valid")
 }
 
+/// Every route the router serves, as API Gateway route keys (the template's routes must match).
+pub const ROUTES: &[&str] = &[
+    "POST /api/generate/character",
+    "POST /api/generate/moodboard",
+    "POST /api/generate/animation",
+    "GET /api/generate/status/{jobId}",
+    "POST /api/generate/cancel/{jobId}",
+    "DELETE /api/jobs/{jobId}",
+    "GET /api/health",
+];
+
 /// Routes one request. Used as is by both HTTP functions and the local runner; API Gateway only
 /// sends each function its own routes, and anything else is answered here as a 404.
 pub async fn handle(app: &App, req: Request) -> Response<Body> {

@@ -101,6 +101,12 @@ pub async fn handle_sqs(app: &App, event: SqsEvent) -> SqsBatchResponse {
     response
 }
 
+/// The queue's maxReceiveCount (template.yaml). A job waiting for a slot is redelivered with a
+/// backoff that doubles per receive up to 7.5-15 minutes, so this many receives tolerate at
+/// least a day of throttling before a healthy job's message could be dead-lettered; the outbox
+/// re-sends any queued job whose message is gone even then.
+pub const MAX_RECEIVE_COUNT: u32 = 200;
+
 /// How soon an unreadable message is delivered again, so it reaches the DLQ in minutes.
 const POISON_REDELIVERY: Duration = Duration::from_secs(10);
 

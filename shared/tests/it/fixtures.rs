@@ -110,6 +110,9 @@ async fn the_cancel_fixture_cancels_the_fixture_users_job() {
     let (status, body) = http(&t, "cancel.json").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled");
+    // DELETE is the same cancel, and cancelling twice answers the same.
+    let (status, again) = http(&t, "delete-job.json").await;
+    assert_eq!((status, &again["status"]), (200, &body["status"]));
 }
 
 #[tokio::test]

@@ -7,4 +7,5 @@ mod queue;
 mod reliability;
 mod repository;
 mod support;
+mod template;
 mod worker;
