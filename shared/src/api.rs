@@ -470,7 +470,8 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     let owner = caller(req)?;
     let id = parse_job_id(job_id)?;
     let conn = app.pool.get().await?;
-    let cancelled = jobs::cancel(&conn, id, &owner).await?;
+    let settled = jobs::cancel(&conn, id, &owner).await?;
+    let cancelled = settled.applied();
     let body = status_body(&conn, id, &owner)
         .await?
         .ok_or_else(job_not_found)?;
@@ -483,6 +484,7 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     if cancelled {
         tracing::info!(job_id = %id, user_id = %owner.user_id, "job cancelled");
         app.metrics.job_cancelled(body.job_type);
+        crate::worker::nudge(app, settled).await;
     }
     Ok(json_response(StatusCode::OK, &body))
 }

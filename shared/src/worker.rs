@@ -184,7 +184,10 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
         Ok(files) => {
             let media = app.store.put(job_id, claim.attempt(), &files).await?;
             let credits = app.config.credits.for_type(job_type);
-            if jobs::complete(&conn, &claim, &media, app.generator.model(), credits).await? {
+            let settled =
+                jobs::complete(&conn, &claim, &media, app.generator.model(), credits).await?;
+            if settled.applied() {
+                nudge(app, settled).await;
                 Outcome::Completed
             } else {
                 app.store.discard(&media).await;
@@ -215,29 +218,43 @@ async fn settle_failure(
     claim: &Claimed,
     error: GenerateError,
 ) -> Result<Outcome, WorkerError> {
-    let applied = match &error {
+    let (settled, outcome) = match &error {
         GenerateError::Retryable(message) if claim.attempt() < claim.job.max_attempts => {
             let delay = retry_delay(claim.attempt());
-            if !jobs::requeue(db, claim, message, delay).await? {
-                return Ok(Outcome::Superseded);
+            let settled = jobs::requeue(db, claim, message, delay).await?;
+            if settled.applied() {
+                // If this send fails the error is returned, the record is reported, and SQS
+                // delivers the original message again: the job is queued, so that delivery (or
+                // the outbox) claims it once it is due.
+                app.queue.dispatch(claim.job.id, delay).await?;
             }
-            // If this send fails the error is returned, the record is reported, and SQS delivers
-            // the original message again: the job is queued, so that delivery (or the outbox)
-            // claims it once it is due.
-            app.queue.dispatch(claim.job.id, delay).await?;
-            return Ok(Outcome::Requeued { delay });
+            (settled, Outcome::Requeued { delay })
         }
         GenerateError::Retryable(message) => {
             let text = format!("gave up after {} attempts: {message}", claim.attempt());
-            jobs::fail(db, claim, &text, true).await?
+            (jobs::fail(db, claim, &text, true).await?, Outcome::Failed)
         }
-        GenerateError::Fatal(message) => jobs::fail(db, claim, message, false).await?,
+        GenerateError::Fatal(message) => (
+            jobs::fail(db, claim, message, false).await?,
+            Outcome::Failed,
+        ),
     };
-    Ok(if applied {
-        Outcome::Failed
-    } else {
-        Outcome::Superseded
-    })
+    if !settled.applied() {
+        return Ok(Outcome::Superseded);
+    }
+    nudge(app, settled).await;
+    Ok(outcome)
+}
+
+/// Hands the slot a transition just freed to the oldest waiting job by sending it a fresh
+/// message: its own may be hidden for minutes of deferral backoff. Best effort: if the send
+/// fails, that job's own message or the outbox still gets it there.
+pub async fn nudge(app: &App, settled: jobs::Settled) {
+    if let jobs::Settled::Applied { next: Some(next) } = settled {
+        if let Err(e) = app.queue.dispatch(next, Duration::ZERO).await {
+            tracing::warn!(job_id = %next, error = %chain(&e), "could not hand the freed slot on");
+        }
+    }
 }
 
 /// Exponential backoff with jitter for the given attempt (or receive count).

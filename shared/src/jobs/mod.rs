@@ -193,15 +193,39 @@ pub async fn heartbeat(
     Ok(row.is_some())
 }
 
-/// Completes the job with its media. `Ok(false)` means the attempt is no longer current and
-/// nothing was written.
+/// What a settling transition (complete, fail, requeue, cancel) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// It applied. `next` is the oldest job now waiting for the slot it freed: send it a fresh
+    /// message, since its own may be deferred for minutes.
+    Applied { next: Option<Uuid> },
+    /// The attempt is no longer current, or the job had already finished: nothing changed.
+    NotCurrent,
+}
+
+impl Settled {
+    pub fn applied(self) -> bool {
+        matches!(self, Settled::Applied { .. })
+    }
+}
+
+fn settled(row: Option<Row>) -> Result<Settled, JobsError> {
+    Ok(match row {
+        Some(row) => Settled::Applied {
+            next: row.try_get("next_waiting")?,
+        },
+        None => Settled::NotCurrent,
+    })
+}
+
+/// Completes the job with its media. Nothing is written unless the attempt is current.
 pub async fn complete(
     db: &impl GenericClient,
     claim: &Claimed,
     media: &[NewMedia],
     model: &str,
     credits: i32,
-) -> Result<bool, JobsError> {
+) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("complete.sql")).await?;
     let ids: Vec<Uuid> = media.iter().map(|m| m.id).collect();
     let media_types: Vec<&str> = media.iter().map(|m| m.media_type).collect();
@@ -232,17 +256,16 @@ pub async fn complete(
             ],
         )
         .await?;
-    Ok(row.is_some())
+    settled(row)
 }
 
-/// Fails the job for good, keeping the attempt's error. `Ok(false)` means the attempt is no
-/// longer current.
+/// Fails the job for good, keeping the attempt's error.
 pub async fn fail(
     db: &impl GenericClient,
     claim: &Claimed,
     error: &str,
     retryable: bool,
-) -> Result<bool, JobsError> {
+) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("fail.sql")).await?;
     let row = db
         .query_opt(
@@ -250,17 +273,16 @@ pub async fn fail(
             &[&claim.job.id, &claim.attempt(), &error, &retryable],
         )
         .await?;
-    Ok(row.is_some())
+    settled(row)
 }
 
 /// Returns the job to the queue after a retryable error, not to be claimed for `delay`.
-/// `Ok(false)` means the attempt is no longer current.
 pub async fn requeue(
     db: &impl GenericClient,
     claim: &Claimed,
     error: &str,
     delay: Duration,
-) -> Result<bool, JobsError> {
+) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("requeue.sql")).await?;
     let row = db
         .query_opt(
@@ -273,7 +295,7 @@ pub async fn requeue(
             ],
         )
         .await?;
-    Ok(row.is_some())
+    settled(row)
 }
 
 /// A processing job whose lease ran out.
@@ -352,17 +374,17 @@ pub async fn take_undispatched(
     rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
 }
 
-/// Cancels the owner's unfinished job. `Ok(false)`: no such unfinished job of theirs.
+/// Cancels the owner's unfinished job. `NotCurrent`: no such unfinished job of theirs.
 pub async fn cancel(
     db: &impl GenericClient,
     id: Uuid,
     owner: &Identity,
-) -> Result<bool, JobsError> {
+) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("cancel.sql")).await?;
-    Ok(db
-        .query_opt(&stmt, &[&id, &owner.user_id, &owner.tenant_id])
-        .await?
-        .is_some())
+    settled(
+        db.query_opt(&stmt, &[&id, &owner.user_id, &owner.tenant_id])
+            .await?,
+    )
 }
 
 /// One attempt's error, as kept.

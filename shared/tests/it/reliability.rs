@@ -122,7 +122,8 @@ async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_on
         );
         assert!(shared::jobs::fail(&conn, &claimed[0], "done", false)
             .await
-            .unwrap());
+            .unwrap()
+            .applied());
     }
 }
 
@@ -321,6 +322,41 @@ async fn the_rescuer_requeues_a_job_whose_lease_expired_and_keeps_the_error() {
     )
     .await;
     assert_eq!(body["attemptErrors"][0]["attempt"], 1, "{body}");
+}
+
+#[tokio::test]
+async fn a_freed_slot_is_handed_to_the_oldest_waiting_job_with_a_fresh_message() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::configured(
+        {
+            let (client, url) = (queue.client.clone(), queue.url.clone());
+            move |_| Dispatcher::sqs(client, url)
+        },
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "1")],
+    )
+    .await;
+    let alice = user("alice", None);
+    let (running, waiting) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(running, &alice, "first").await;
+    t.insert_job(waiting, &alice, "second").await;
+    let claim = claim(&t, running).await;
+    // The waiting job's own message is deferred for a long time; nothing is visible now.
+    assert_eq!(queue.depth().await.0, 0);
+
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, claim).await.unwrap(),
+        Outcome::Completed
+    );
+    let messages = queue.receive().await;
+    let bodies: Vec<&str> = messages.iter().filter_map(|m| m.body()).collect();
+    assert_eq!(
+        bodies,
+        [job_message(waiting).as_str()],
+        "the freed slot's job is told at once"
+    );
+    shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(waiting))])).await;
+    assert_eq!(t.status_of(waiting).await, "completed");
 }
 
 #[tokio::test]

@@ -92,14 +92,17 @@ async fn a_finished_job_cannot_be_failed_requeued_or_claimed_again() {
     let claim = claim(&t, id).await;
     assert!(shared::jobs::fail(&conn, &claim, "first", false)
         .await
-        .unwrap());
+        .unwrap()
+        .applied());
     assert!(!shared::jobs::fail(&conn, &claim, "second", false)
         .await
-        .unwrap());
+        .unwrap()
+        .applied());
     assert!(
         !shared::jobs::requeue(&conn, &claim, "again", Duration::ZERO)
             .await
             .unwrap()
+            .applied()
     );
     assert!(
         !shared::jobs::heartbeat(&conn, &claim, 50, Duration::from_secs(60))
