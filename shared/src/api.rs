@@ -12,7 +12,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    auth,
+    auth, idempotency,
     jobs::{self, NewJob},
     model::{Identity, JobStatus, JobType, Media},
     telemetry::chain,
@@ -33,6 +33,8 @@ pub enum ApiError {
     NotFound { code: &'static str, message: String },
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -73,7 +76,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadRequest { code, .. }
             | ApiError::NotFound { code, .. }
-            | ApiError::Conflict { code, .. } => code,
+            | ApiError::Conflict { code, .. }
+            | ApiError::Unprocessable { code, .. } => code,
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
@@ -85,10 +89,18 @@ impl ApiError {
         if let ApiError::Internal(_) | ApiError::Unavailable(_) = &self {
             tracing::error!(error = %chain(&self), "request failed");
         }
-        json_response(
+        let mut response = json_response(
             self.status(),
             &json!({ "error": { "code": self.code(), "message": self.to_string() } }),
-        )
+        );
+        if let ApiError::Unavailable(_) = self {
+            // Outages here are restarts and failovers: seconds, not minutes.
+            response.headers_mut().insert(
+                "retry-after",
+                lambda_http::http::HeaderValue::from_static("2"),
+            );
+        }
+        response
     }
 }
 
@@ -100,7 +112,11 @@ impl From<deadpool_postgres::PoolError> for ApiError {
 
 impl From<jobs::JobsError> for ApiError {
     fn from(e: jobs::JobsError) -> Self {
-        ApiError::internal(e)
+        if e.is_unavailable() {
+            ApiError::Unavailable(Box::new(e))
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -224,35 +240,53 @@ struct EnqueueResponse {
 
 async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>, ApiError> {
     let owner = caller(req)?;
+    let key = idempotency_key(req)?;
     let request = parse_job_request(kind, req.body())?;
     let id = Uuid::now_v7();
     tracing::Span::current().record("job_id", tracing::field::display(id));
-    let conn = app.pool.get().await?;
-    let admitted = jobs::insert(
-        &conn,
-        &NewJob {
-            id,
-            owner: &owner,
-            job_type: request.job_type,
-            entity_id: request.entity_id,
-            params: &request.params,
-            max_attempts: app.config.job_max_attempts as i32,
-            slots: app.config.max_concurrent_jobs,
-        },
-    )
-    .await?;
+    let new = NewJob {
+        id,
+        owner: &owner,
+        job_type: request.job_type,
+        entity_id: request.entity_id,
+        params: &request.params,
+        max_attempts: app.config.job_max_attempts as i32,
+        slots: app.config.max_concurrent_jobs,
+    };
+    let mut conn = app.pool.get().await?;
+    let response = match &key {
+        // One statement, one commit: the common path.
+        None => answer(id, jobs::insert(&conn, &new).await?),
+        // The job and the key commit together, or neither does.
+        Some(key) => {
+            let canonical = json!({ "type": request.job_type, "entityId": request.entity_id, "params": request.params });
+            let tx = conn.transaction().await.map_err(jobs::JobsError::from)?;
+            let response = answer(id, jobs::insert(&tx, &new).await?);
+            let body = serde_json::to_value(&response).expect("responses serialise");
+            if idempotency::store(&tx, &owner, key, &canonical, id, &body).await? {
+                tx.commit().await.map_err(jobs::JobsError::from)?;
+                response
+            } else {
+                tx.rollback().await.map_err(jobs::JobsError::from)?;
+                return replay(&conn, &owner, key, &canonical).await;
+            }
+        }
+    };
     drop(conn);
 
     // The job is committed: from here on the caller gets its id whatever happens to delivery.
     if let Err(e) = app.queue.dispatch(id, std::time::Duration::ZERO).await {
         tracing::error!(job_id = %id, error = %chain(&e), "job accepted but its message was not sent; it stays queued");
     }
-
-    let direct = admitted.direct;
-    app.metrics.job_enqueued(request.job_type, direct);
+    app.metrics
+        .job_enqueued(request.job_type, response.mode == "direct");
     tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = request.job_type.as_str(),
-        mode = if direct { "direct" } else { "queued" }, "job enqueued");
-    let response = if direct {
+        mode = response.mode, "job enqueued");
+    Ok(json_response(StatusCode::ACCEPTED, &response))
+}
+
+fn answer(id: Uuid, admitted: jobs::Admitted) -> EnqueueResponse {
+    if admitted.direct {
         EnqueueResponse {
             job_id: id,
             status: JobStatus::Queued,
@@ -268,8 +302,55 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
             mode: "queued",
             position: Some(admitted.queued_ahead + 1),
         }
+    }
+}
+
+/// The `Idempotency-Key` header, if any: 1 to 255 visible ASCII characters.
+fn idempotency_key(req: &Request) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        return Ok(None);
     };
-    Ok(json_response(StatusCode::ACCEPTED, &response))
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
+    match key {
+        Some(k) => Ok(Some(k.to_owned())),
+        None => Err(ApiError::bad(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )),
+    }
+}
+
+/// Answers a repeated `Idempotency-Key`: the original answer if the request is the same,
+/// 422 if the key was used for a different request.
+async fn replay(
+    db: &impl deadpool_postgres::GenericClient,
+    owner: &Identity,
+    key: &str,
+    canonical: &serde_json::Value,
+) -> Result<Response<Body>, ApiError> {
+    // The key can only be missing here if it expired between our insert and this read.
+    let Some((request, response)) = idempotency::find(db, owner, key).await? else {
+        return Err(ApiError::Conflict {
+            code: "idempotency_key_in_flux",
+            message: "retry the request".into(),
+        });
+    };
+    if &request != canonical {
+        return Err(ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            message: "this Idempotency-Key was already used for a different request".into(),
+        });
+    }
+    let mut replayed = json_response(StatusCode::ACCEPTED, &response);
+    replayed.headers_mut().insert(
+        "idempotent-replayed",
+        lambda_http::http::HeaderValue::from_static("true"),
+    );
+    Ok(replayed)
 }
 
 fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
@@ -381,6 +462,8 @@ pub struct StatusResponse {
     pub status: JobStatus,
     pub progress: i16,
     pub position: Option<i64>,
+    /// While queued: about how long until it starts, from recent run times of its type.
+    pub estimated_wait_seconds: Option<u64>,
     pub result: Option<Media>,
     pub media: Vec<Media>,
     pub error: Option<String>,
@@ -396,7 +479,7 @@ async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     let owner = caller(req)?;
     let id = parse_job_id(job_id)?;
     let conn = app.pool.get().await?;
-    let body = status_body(&conn, id, &owner)
+    let body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
         .await?
         .ok_or_else(job_not_found)?;
     Ok(json_response(StatusCode::OK, &body))
@@ -421,6 +504,7 @@ async fn status_body(
     db: &impl deadpool_postgres::GenericClient,
     id: Uuid,
     owner: &Identity,
+    slots: u32,
 ) -> Result<Option<StatusResponse>, ApiError> {
     let Some(owned) = jobs::get_for_owner(db, id, owner).await? else {
         return Ok(None);
@@ -447,6 +531,7 @@ async fn status_body(
         status: job.status,
         progress: job.progress,
         position: owned.position,
+        estimated_wait_seconds: estimated_wait(owned.position, owned.recent_run_seconds, slots),
         result,
         media,
         error: if job.status == JobStatus::Failed {
@@ -462,6 +547,17 @@ async fn status_body(
     }))
 }
 
+/// A job at `position` starts once that many jobs ahead of it have started; with `slots`
+/// running at once, each taking about `run_seconds`, that is position x run / slots.
+fn estimated_wait(position: Option<i64>, run_seconds: Option<f64>, slots: u32) -> Option<u64> {
+    let (position, run) = (position?, run_seconds?);
+    Some(
+        (position as f64 * run / slots.max(1) as f64)
+            .ceil()
+            .max(0.0) as u64,
+    )
+}
+
 // ---- cancel --------------------------------------------------------------------------------
 
 /// Cancels the caller's unfinished job and answers with its status. A finished job is a 409;
@@ -472,7 +568,7 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     let conn = app.pool.get().await?;
     let settled = jobs::cancel(&conn, id, &owner).await?;
     let cancelled = settled.applied();
-    let body = status_body(&conn, id, &owner)
+    let body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
         .await?
         .ok_or_else(job_not_found)?;
     if !cancelled && body.status != JobStatus::Cancelled {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod generator;
+pub mod idempotency;
 pub mod jobs;
 pub mod metrics;
 pub mod model;

@@ -52,6 +52,10 @@ pub async fn handle_schedule(
         crate::queue::Dispatcher::Sqs { .. } => redispatch(app).await?,
     };
     let conn = app.pool.get().await?;
+    let purged = crate::idempotency::purge(&conn, 1_000).await?;
+    if purged > 0 {
+        tracing::info!(purged, "expired idempotency keys deleted");
+    }
     let counts = jobs::count_by_status(&conn).await?;
     let report = Report {
         jobs: counts

@@ -19,6 +19,26 @@ pub enum JobsError {
     UnknownType { id: Uuid, job_type: String },
 }
 
+impl JobsError {
+    /// The database could not be reached or went away mid-request (a restart, a failover, a
+    /// dropped connection): worth retrying, unlike a statement the server rejected.
+    pub fn is_unavailable(&self) -> bool {
+        let JobsError::Db(e) = self else {
+            return false;
+        };
+        match e.code() {
+            // Connection exceptions, operator intervention (shutdown), insufficient resources.
+            Some(state) => ["08", "57", "53"]
+                .iter()
+                .any(|class| state.code().starts_with(class)),
+            None => {
+                e.is_closed()
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            }
+        }
+    }
+}
+
 pub struct NewJob<'a> {
     pub id: Uuid,
     pub owner: &'a Identity,
@@ -74,6 +94,8 @@ pub struct NewMedia {
 pub struct OwnedJob {
     pub job: Job,
     pub position: Option<i64>,
+    /// While queued: the mean run time of recent completed jobs of its type.
+    pub recent_run_seconds: Option<f64>,
 }
 
 pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitted, JobsError> {
@@ -430,6 +452,7 @@ pub async fn get_for_owner(
     Ok(Some(OwnedJob {
         job: job_from_row(&row)?,
         position: row.try_get("position")?,
+        recent_run_seconds: row.try_get("recent_run_seconds")?,
     }))
 }
 

@@ -355,6 +355,8 @@ async fn health_is_200_when_the_database_answers_and_503_when_it_does_not() {
         Dispatcher::embedded(),
         t.generator.clone(),
     );
+    let response = shared::api::handle(&dead, api_request("GET", "/api/health", None, None)).await;
+    assert_eq!(response.headers()["retry-after"], "2");
     let (status, body) = call(&dead, api_request("GET", "/api/health", None, None)).await;
     assert_eq!(status, 503);
     assert_eq!(body["error"]["code"], "unavailable");

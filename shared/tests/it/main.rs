@@ -2,6 +2,7 @@
 
 mod api;
 mod fixtures;
+mod idempotency;
 mod metrics;
 mod queue;
 mod reliability;

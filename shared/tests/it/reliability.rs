@@ -603,3 +603,72 @@ async fn credits_are_charged_once_at_completion_and_never_for_failures() {
     assert_eq!(credits(ok).await, t.app.config.credits.character_image);
     assert_eq!(credits(bad).await, 0);
 }
+
+#[tokio::test]
+async fn a_queued_job_shows_an_estimated_wait_from_recent_run_times_of_its_type() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "2")],
+    )
+    .await;
+    let alice = user("alice", None);
+    // Two finished jobs of the type took 10 s and 20 s.
+    for seconds in [10, 20] {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &alice, "done").await;
+        let claimed = claim(&t, id).await;
+        let conn = t.db.pool.get().await.unwrap();
+        assert!(shared::jobs::fail(&conn, &claimed, "x", false)
+            .await
+            .unwrap()
+            .applied());
+        conn.execute(
+            &format!(
+                "UPDATE generation_jobs SET started_at = created_at, \
+                 completed_at = created_at + interval '{seconds} seconds' WHERE id = $1"
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    // Turn them into completed jobs, which the schema allows only with a result.
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "WITH m AS (INSERT INTO generated_media (id, job_id, user_id, ordinal, media_type, mime_type, storage, storage_key, public_url, size_bytes) \
+         SELECT gen_random_uuid(), id, user_id, 0, 'image', 'image/png', 'local', id::text, 'http://x', 1 FROM generation_jobs RETURNING id, job_id) \
+         UPDATE generation_jobs j SET status = 'completed', progress = 100, result_media_id = m.id FROM m WHERE j.id = m.job_id",
+        &[],
+    )
+    .await
+    .unwrap();
+    // Now four queued jobs behind two busy slots: the fourth is at position 4.
+    let mut last = None;
+    for _ in 0..4 {
+        let (_, body) = call(
+            &t.app,
+            api_request(
+                "POST",
+                "/api/generate/character",
+                Some(&alice),
+                Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+            ),
+        )
+        .await;
+        last = Some(body["jobId"].as_str().unwrap().to_owned());
+    }
+    let (_, status) = call(
+        &t.app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{}", last.unwrap()),
+            Some(&alice),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status["position"], 4);
+    // 4 jobs x 15 s mean run time / 2 slots.
+    assert_eq!(status["estimatedWaitSeconds"], 30);
+}
