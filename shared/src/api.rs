@@ -251,7 +251,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         entity_id: request.entity_id,
         params: &request.params,
         max_attempts: app.config.job_max_attempts as i32,
-        slots: app.config.max_concurrent_jobs,
+        limits: app.config.limits(),
     };
     let mut conn = app.pool.get().await?;
     let response = match &key {
@@ -566,7 +566,7 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
     let owner = caller(req)?;
     let id = parse_job_id(job_id)?;
     let conn = app.pool.get().await?;
-    let settled = jobs::cancel(&conn, id, &owner).await?;
+    let settled = jobs::cancel(&conn, id, &owner, app.config.max_active_per_user).await?;
     let cancelled = settled.applied();
     let body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
         .await?

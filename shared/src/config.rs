@@ -27,6 +27,8 @@ pub struct Config {
     /// Absent means the embedded queue: workers claim straight from the job table.
     pub sqs_queue_url: Option<String>,
     pub max_concurrent_jobs: u32,
+    /// How many slots one user may hold at once (MAX_ACTIVE_PER_USER; all of them by default).
+    pub max_active_per_user: u32,
     pub job_max_attempts: u32,
     pub job_lease: Duration,
     pub generator: GeneratorKind,
@@ -105,6 +107,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &"<redacted>")
             .field("sqs_queue_url", &self.sqs_queue_url)
             .field("max_concurrent_jobs", &self.max_concurrent_jobs)
+            .field("max_active_per_user", &self.max_active_per_user)
             .field("job_max_attempts", &self.job_max_attempts)
             .field("job_lease", &self.job_lease)
             .field("generator", &self.generator)
@@ -119,6 +122,13 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    pub fn limits(&self) -> crate::jobs::Limits {
+        crate::jobs::Limits {
+            slots: self.max_concurrent_jobs,
+            per_user: self.max_active_per_user,
+        }
+    }
+
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| env::var(name).ok().filter(|v| !v.trim().is_empty()))
     }
@@ -138,10 +148,17 @@ impl Config {
             }
         };
         let public_base = lookup("PUBLIC_BASE_URL").unwrap_or_default();
+        let max_concurrent_jobs = number(&lookup, "MAX_CONCURRENT_JOBS", 5, 1..=1_000)?;
         Ok(Self {
             database_url: lookup("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?,
             sqs_queue_url: lookup("SQS_QUEUE_URL"),
-            max_concurrent_jobs: number(&lookup, "MAX_CONCURRENT_JOBS", 5, 1..=1_000)?,
+            max_concurrent_jobs,
+            max_active_per_user: number(
+                &lookup,
+                "MAX_ACTIVE_PER_USER",
+                max_concurrent_jobs,
+                1..=max_concurrent_jobs,
+            )?,
             job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
             job_lease: Duration::from_secs(
                 number(&lookup, "JOB_LEASE_SECONDS", 300, 5..=86_400)?.into(),

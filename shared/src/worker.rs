@@ -128,7 +128,7 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
             &conn,
             message.job_id,
             app.config.job_lease,
-            app.config.max_concurrent_jobs,
+            app.config.limits(),
         )
         .await?
     };
@@ -339,7 +339,7 @@ pub async fn run_embedded(
                 &conn,
                 permits.len() as i64,
                 app.config.job_lease,
-                app.config.max_concurrent_jobs,
+                app.config.limits(),
             )
             .await
             .map_err(WorkerError::from),

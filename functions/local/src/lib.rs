@@ -53,11 +53,13 @@ impl Running {
     }
 }
 
-/// Starts the API server on `listener` plus the worker and poller loops.
+/// Starts the API server on `listener` plus the worker loop and the poller, which runs every
+/// `poll_every` (a minute, like the EventBridge schedule, unless `POLL_INTERVAL_SECONDS` says).
 pub fn start(
     app: App,
     verifier: Arc<LocalVerifier>,
     listener: TcpListener,
+    poll_every: Duration,
 ) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let (shutdown, _) = watch::channel(false);
@@ -69,7 +71,11 @@ pub fn start(
         shutdown.subscribe(),
     )));
     tasks.push(tokio::spawn(run_worker(app.clone(), shutdown.subscribe())));
-    tasks.push(tokio::spawn(run_poller(app, shutdown.subscribe())));
+    tasks.push(tokio::spawn(run_poller(
+        app,
+        poll_every,
+        shutdown.subscribe(),
+    )));
     Ok(Running {
         addr,
         shutdown,
@@ -225,13 +231,13 @@ async fn run_worker(app: App, shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn run_poller(app: App, shutdown: watch::Receiver<bool>) {
+async fn run_poller(app: App, every: Duration, shutdown: watch::Receiver<bool>) {
     let stop = stopped(shutdown);
     tokio::pin!(stop);
-    let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(every);
     loop {
         tokio::select! {
-            _ = every_minute.tick() => {
+            _ = ticks.tick() => {
                 let mut event = lambda_http::aws_lambda_events::eventbridge::EventBridgeEvent::default();
                 event.detail_type = "Scheduled Event".into();
                 event.source = "local.runner".into();

@@ -31,7 +31,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     let verifier = Arc::new(LocalVerifier::new(secret.as_bytes())?);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-    let running = local::start(app.clone(), verifier.clone(), listener)?;
+    let poll_every = std::env::var("POLL_INTERVAL_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(std::time::Duration::from_secs(60));
+    let running = local::start(app.clone(), verifier.clone(), listener, poll_every)?;
 
     let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
     let base = format!("http://{}", running.addr);

@@ -38,7 +38,7 @@ async fn start_runner() -> Runner {
     db::migrate(&app.pool).await.unwrap();
     let verifier = Arc::new(LocalVerifier::new(b"test-secret").unwrap());
     let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
-    let running = local::start(app, verifier.clone(), listener).unwrap();
+    let running = local::start(app, verifier.clone(), listener, Duration::from_secs(60)).unwrap();
     Runner {
         base: format!("http://127.0.0.1:{port}"),
         token,

@@ -1,13 +1,31 @@
--- Claims one named job for a worker: only a queued job that is due, and only with a slot: the
--- one reserved for it at enqueue, or a free one. The job row and the slot row change in one
--- statement, so a duplicate delivery finds nothing to claim and no slot is taken twice.
-WITH mine AS (
+-- Claims one named job for a worker: only a queued job that is due, and only with a slot. The
+-- slot is the one reserved for it at enqueue, or a free one if the job is among the first
+-- waiting jobs in fair-share order (as many as there are free slots) and its user holds fewer
+-- than $4 slots. The job row and the slot row change in one statement, so a duplicate delivery
+-- finds nothing to claim and no slot is taken twice; a job that is not next in line waits.
+WITH target AS (
+    SELECT id, user_id, fair_key, created_at FROM generation_jobs
+    WHERE id = $1 AND status = 'queued' AND run_after <= now()
+), mine AS (
     SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at > now()
     FOR UPDATE
+), free_slots AS (
+    SELECT count(*) AS n FROM job_slots WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
+), ahead AS (
+    SELECT count(*) AS n FROM (
+        SELECT 1 FROM waiting_jobs w, target t
+        WHERE w.user_holding < $4 AND (w.fair_key, w.created_at, w.id) < (t.fair_key, t.created_at, t.id)
+        LIMIT (SELECT n FROM free_slots)
+    ) x
+), next_in_line AS (
+    SELECT 1 FROM target t
+    WHERE (SELECT n FROM ahead) < (SELECT n FROM free_slots)
+      AND (SELECT count(*) FROM job_slots s JOIN generation_jobs h ON h.id = s.job_id
+           WHERE s.lease_expires_at > now() AND h.user_id = t.user_id) < $4
 ), free AS (
     SELECT slot FROM job_slots
     WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
-      AND NOT EXISTS (SELECT 1 FROM mine)
+      AND NOT EXISTS (SELECT 1 FROM mine) AND EXISTS (SELECT 1 FROM next_in_line)
     ORDER BY slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -20,7 +38,7 @@ WITH mine AS (
         started_at = now(),
         lease_expires_at = now() + make_interval(secs => $2),
         updated_at = now()
-    WHERE id = $1 AND status = 'queued' AND run_after <= now() AND EXISTS (SELECT 1 FROM chosen)
+    WHERE id IN (SELECT id FROM target) AND status = 'queued' AND EXISTS (SELECT 1 FROM chosen)
     RETURNING id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at, lease_expires_at
 ), held AS (
     UPDATE job_slots s

@@ -7,7 +7,7 @@ WITH job AS (
         completed_at = now(),
         updated_at = now()
     WHERE id = $1 AND status = 'processing' AND attempts = $2
-    RETURNING id, attempts
+    RETURNING id, user_id, attempts
 ), released AS (
     UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
     WHERE job_id IN (SELECT id FROM job)
@@ -18,13 +18,12 @@ WITH job AS (
     ON CONFLICT (job_id, attempt) DO NOTHING
     RETURNING job_id
 ), next_waiting AS (
-    -- The slot just freed is for the oldest job waiting for one: its message may be deferred
-    -- for minutes, so the caller sends it a fresh one rather than leave the slot idle.
-    SELECT q.id FROM generation_jobs q
-    WHERE q.status = 'queued' AND q.run_after <= now() AND EXISTS (SELECT 1 FROM released)
-      AND q.id NOT IN (SELECT id FROM job)
-      AND NOT EXISTS (SELECT 1 FROM job_slots s WHERE s.job_id = q.id AND s.lease_expires_at > now())
-    ORDER BY q.created_at, q.id
+    -- The slot just freed is owed to the next job in line: its message may be deferred for
+    -- minutes, so the caller sends it a fresh one rather than leave the slot idle.
+    SELECT w.id FROM waiting_jobs w
+    WHERE EXISTS (SELECT 1 FROM released) AND w.user_holding - (SELECT count(*) FROM job WHERE job.user_id = w.user_id) < $5
+      AND w.id NOT IN (SELECT id FROM job)
+    ORDER BY w.fair_key, w.created_at, w.id
     LIMIT 1
 )
 SELECT job.id, (SELECT id FROM next_waiting) AS next_waiting FROM job

@@ -1,10 +1,11 @@
 -- One job as its owner sees it. Another user's job is indistinguishable from a missing one.
--- A queued job's position counts the queued jobs that will be claimed before it (FIFO), plus one;
+-- A queued job's position counts the queued jobs that will be claimed before it (in fair-share
+-- order), plus one;
 -- recent_run_seconds is the mean run time of the last 50 completed jobs of its type.
 SELECT id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at,
        CASE WHEN j.status = 'queued' THEN (
            SELECT count(*) + 1 FROM generation_jobs q
-           WHERE q.status = 'queued' AND (q.created_at, q.id) < (j.created_at, j.id)
+           WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id)
        ) END AS position,
        CASE WHEN j.status = 'queued' THEN (
            SELECT avg(extract(epoch FROM r.completed_at - r.started_at))::float8

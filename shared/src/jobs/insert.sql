@@ -1,24 +1,35 @@
--- Inserts a job and, when a slot is free and no due job is waiting for one, reserves that slot
--- for it ($9 seconds), which makes the answer `direct`: the job starts as soon as a worker
--- takes its message. SKIP LOCKED plus Postgres's re-check of a row updated since the snapshot
--- mean racing enqueues reserve different slots, so no more jobs are answered `direct` than
--- there were free slots. queued_ahead counts the queued jobs before this one (its position - 1).
-WITH waiting AS (
-    SELECT 1 FROM generation_jobs q
-    WHERE q.status = 'queued' AND q.run_after <= now()
-      AND NOT EXISTS (SELECT 1 FROM job_slots s WHERE s.job_id = q.id AND s.lease_expires_at > now())
-    LIMIT 1
+-- Inserts a job with its fair-share key and, when a slot is free, no eligible job is waiting
+-- for one, and its user holds fewer than $10 slots, reserves that slot for it ($9 seconds):
+-- the answer is then `direct`, and the job starts as soon as a worker takes its message. SKIP
+-- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
+-- reserve different slots, so no more jobs are answered `direct` than there were free slots.
+-- queued_ahead counts the queued jobs that will start before this one (its position - 1).
+WITH head AS (
+    SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
+), user_jobs AS (
+    SELECT max(fair_key) AS last_key FROM generation_jobs WHERE user_id = $2 AND status IN ('queued', 'processing')
+), user_holding AS (
+    SELECT count(*) AS n FROM job_slots s JOIN generation_jobs h ON h.id = s.job_id
+    WHERE s.lease_expires_at > now() AND h.user_id = $2
+), key AS (
+    SELECT greatest(
+        coalesce((SELECT fair_key FROM head),
+                 (SELECT max(fair_key) FROM generation_jobs WHERE status = 'processing'), 0),
+        coalesce((SELECT last_key FROM user_jobs) + 1, 0)) AS k
+), waiting AS (
+    SELECT 1 FROM waiting_jobs w WHERE w.user_holding < $10 LIMIT 1
 ), free AS (
     SELECT slot FROM job_slots
     WHERE slot <= $8 AND (job_id IS NULL OR lease_expires_at <= now())
       AND NOT EXISTS (SELECT 1 FROM waiting)
+      AND (SELECT n FROM user_holding) < $10
     ORDER BY slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), job AS (
-    INSERT INTO generation_jobs (id, user_id, tenant_id, job_type, entity_id, params, max_attempts)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
-    RETURNING id, created_at
+    INSERT INTO generation_jobs (id, user_id, tenant_id, job_type, entity_id, params, max_attempts, fair_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT k FROM key))
+    RETURNING id, created_at, fair_key
 ), reserved AS (
     UPDATE job_slots s
     SET job_id = job.id, lease_expires_at = now() + make_interval(secs => $9)
@@ -28,5 +39,5 @@ WITH waiting AS (
 )
 SELECT job.created_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
-       (SELECT count(*) FROM generation_jobs WHERE status = 'queued') AS queued_ahead
+       (SELECT count(*) FROM generation_jobs q WHERE q.status = 'queued' AND q.fair_key <= job.fair_key) AS queued_ahead
 FROM job

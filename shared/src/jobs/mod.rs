@@ -46,8 +46,7 @@ pub struct NewJob<'a> {
     pub entity_id: Uuid,
     pub params: &'a serde_json::Value,
     pub max_attempts: i32,
-    /// MAX_CONCURRENT_JOBS: how many slots there are to reserve from.
-    pub slots: u32,
+    pub limits: Limits,
 }
 
 /// How a new job was admitted.
@@ -63,10 +62,31 @@ pub struct Admitted {
 /// How long a slot reserved at enqueue waits for the job's worker before it lapses.
 pub const RESERVATION: Duration = Duration::from_secs(60);
 
-/// A job claimed by a worker: the attempt number fences every later transition.
+/// The slot limits a claim or an enqueue works within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// MAX_CONCURRENT_JOBS: how many slots there are.
+    pub slots: u32,
+    /// MAX_ACTIVE_PER_USER: how many of them one user may hold.
+    pub per_user: u32,
+}
+
+impl From<u32> for Limits {
+    /// The same number for both: no per-user limit beyond the slots themselves.
+    fn from(slots: u32) -> Self {
+        Limits {
+            slots,
+            per_user: slots,
+        }
+    }
+}
+
+/// A job claimed by a worker: the attempt number fences every later transition, and the limits
+/// it was claimed under decide who is next for its slot.
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub job: Job,
+    pub limits: Limits,
 }
 
 impl Claimed {
@@ -111,8 +131,9 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
                 &new.entity_id,
                 new.params,
                 &new.max_attempts,
-                &(new.slots as i32),
+                &(new.limits.slots as i32),
                 &RESERVATION.as_secs_f64(),
+                &(new.limits.per_user as i64),
             ],
         )
         .await?;
@@ -141,15 +162,25 @@ pub async fn claim_by_id(
     db: &impl GenericClient,
     id: Uuid,
     lease: Duration,
-    max_active: u32,
+    limits: impl Into<Limits>,
 ) -> Result<ClaimResult, JobsError> {
+    let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_by_id.sql")).await?;
     if let Some(row) = db
-        .query_opt(&stmt, &[&id, &lease.as_secs_f64(), &(max_active as i32)])
+        .query_opt(
+            &stmt,
+            &[
+                &id,
+                &lease.as_secs_f64(),
+                &(limits.slots as i32),
+                &(limits.per_user as i64),
+            ],
+        )
         .await?
     {
         return Ok(ClaimResult::Claimed(Claimed {
             job: job_from_row(&row)?,
+            limits,
         }));
     }
     let stmt = db.prepare_cached(include_str!("claim_state.sql")).await?;
@@ -170,8 +201,9 @@ pub async fn claim_next(
     db: &impl GenericClient,
     limit: i64,
     lease: Duration,
-    max_active: u32,
+    limits: impl Into<Limits>,
 ) -> Result<Vec<Claimed>, JobsError> {
+    let limits = limits.into();
     let stmt = db
         .prepare_cached(include_str!("claim_candidates.sql"))
         .await?;
@@ -183,7 +215,7 @@ pub async fn claim_next(
         .collect::<Result<_, _>>()?;
     let mut claimed = Vec::with_capacity(candidates.len());
     for id in candidates {
-        match claim_by_id(db, id, lease, max_active).await? {
+        match claim_by_id(db, id, lease, limits).await? {
             ClaimResult::Claimed(c) => claimed.push(c),
             // Every slot is taken: later candidates cannot get one either.
             ClaimResult::NoSlot => break,
@@ -275,6 +307,7 @@ pub async fn complete(
                 &sizes,
                 &model,
                 &credits,
+                &(claim.limits.per_user as i64),
             ],
         )
         .await?;
@@ -292,7 +325,13 @@ pub async fn fail(
     let row = db
         .query_opt(
             &stmt,
-            &[&claim.job.id, &claim.attempt(), &error, &retryable],
+            &[
+                &claim.job.id,
+                &claim.attempt(),
+                &error,
+                &retryable,
+                &(claim.limits.per_user as i64),
+            ],
         )
         .await?;
     settled(row)
@@ -314,6 +353,7 @@ pub async fn requeue(
                 &claim.attempt(),
                 &error,
                 &delay.as_secs_f64(),
+                &(claim.limits.per_user as i64),
             ],
         )
         .await?;
@@ -401,11 +441,15 @@ pub async fn cancel(
     db: &impl GenericClient,
     id: Uuid,
     owner: &Identity,
+    per_user: u32,
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("cancel.sql")).await?;
     settled(
-        db.query_opt(&stmt, &[&id, &owner.user_id, &owner.tenant_id])
-            .await?,
+        db.query_opt(
+            &stmt,
+            &[&id, &owner.user_id, &owner.tenant_id, &(per_user as i64)],
+        )
+        .await?,
     )
 }
 

@@ -160,3 +160,65 @@ async fn a_retryable_failure_requeues_the_job_and_sends_a_delayed_message() {
     let (visible, _, delayed) = queue.depth().await;
     assert_eq!(visible + delayed, 1, "one message carries the retry");
 }
+
+#[tokio::test]
+async fn every_message_delivered_three_times_still_runs_each_job_once() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::configured(
+        {
+            let (client, url) = (queue.client.clone(), queue.url.clone());
+            move |_| Dispatcher::sqs(client, url)
+        },
+        std::time::Duration::from_millis(50),
+        &[("MAX_CONCURRENT_JOBS", "20")],
+    )
+    .await;
+    let alice = user("alice", None);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let (_, body) = call(
+            &t.app,
+            api_request(
+                "POST",
+                "/api/generate/character",
+                Some(&alice),
+                Some(CHARACTER),
+            ),
+        )
+        .await;
+        let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+        // Two more copies of the message enqueue already sent.
+        for _ in 0..2 {
+            queue
+                .client
+                .send_message()
+                .queue_url(&queue.url)
+                .message_body(job_message(id))
+                .send()
+                .await
+                .unwrap();
+        }
+        ids.push(id);
+    }
+    let mut handled = 0;
+    for _ in 0..20 {
+        let received = shared::worker::poll_sqs_once(
+            &t.app,
+            &queue.client,
+            &queue.url,
+            std::time::Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        handled += received;
+        if received == 0 {
+            break;
+        }
+    }
+    assert_eq!(handled, 30);
+    for id in ids {
+        assert_eq!(t.generator.calls_for(id), 1, "job {id}");
+        assert_eq!(t.status_of(id).await, "completed");
+    }
+    assert_eq!(queue.depth().await, (0, 0, 0));
+}

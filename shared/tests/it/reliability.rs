@@ -672,3 +672,144 @@ async fn a_queued_job_shows_an_estimated_wait_from_recent_run_times_of_its_type(
     // 4 jobs x 15 s mean run time / 2 slots.
     assert_eq!(status["estimatedWaitSeconds"], 30);
 }
+
+async fn enqueue_as(t: &TestApp, who: &shared::model::Identity) -> serde_json::Value {
+    let (status, body) = call(
+        &t.app,
+        api_request(
+            "POST",
+            "/api/generate/character",
+            Some(who),
+            Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    body
+}
+
+fn id_of(body: &serde_json::Value) -> Uuid {
+    body["jobId"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn one_users_pile_of_jobs_does_not_starve_a_newcomer_and_positions_say_so() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "1")],
+    )
+    .await;
+    let (alice, bob) = (user("alice", None), user("bob", None));
+    let mut alices = Vec::new();
+    for _ in 0..5 {
+        alices.push(id_of(&enqueue_as(&t, &alice).await));
+    }
+    let answer = enqueue_as(&t, &bob).await;
+    assert_eq!(
+        (answer["mode"].as_str(), answer["position"].as_i64()),
+        (Some("queued"), Some(2)),
+        "{answer}"
+    );
+    let bobs = id_of(&answer);
+
+    let promised = [alices[0], bobs, alices[1], alices[2], alices[3], alices[4]];
+    let owner_of = |id: Uuid| {
+        if id == bobs {
+            bob.clone()
+        } else {
+            alice.clone()
+        }
+    };
+    for (started, expected) in promised.iter().enumerate() {
+        for (i, id) in promised.iter().enumerate().skip(started) {
+            let (_, status) = call(
+                &t.app,
+                api_request(
+                    "GET",
+                    &format!("/api/generate/status/{id}"),
+                    Some(&owner_of(*id)),
+                    None,
+                ),
+            )
+            .await;
+            assert_eq!(
+                status["position"].as_i64(),
+                Some((i - started + 1) as i64),
+                "job {i} after {started} started"
+            );
+        }
+        let conn = t.db.pool.get().await.unwrap();
+        let claimed = shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            claimed.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+            vec![*expected],
+            "start {started}"
+        );
+        assert!(shared::jobs::fail(&conn, &claimed[0], "done", false)
+            .await
+            .unwrap()
+            .applied());
+    }
+}
+
+#[tokio::test]
+async fn a_user_at_the_per_user_limit_waits_while_others_use_the_free_slots() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "4"), ("MAX_ACTIVE_PER_USER", "2")],
+    )
+    .await;
+    let (alice, bob) = (user("alice", None), user("bob", None));
+    let mut modes = Vec::new();
+    let mut alices = Vec::new();
+    for _ in 0..4 {
+        let body = enqueue_as(&t, &alice).await;
+        modes.push(body["mode"].as_str().unwrap().to_owned());
+        alices.push(id_of(&body));
+    }
+    assert_eq!(modes, ["direct", "direct", "queued", "queued"]);
+    assert_eq!(
+        enqueue_as(&t, &bob).await["mode"],
+        "direct",
+        "bob may use a slot alice may not"
+    );
+
+    let conn = t.db.pool.get().await.unwrap();
+    let limits = t.app.config.limits();
+    let claimed = shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), limits)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3, "alice's first two and bob's");
+    assert!(claimed
+        .iter()
+        .all(|c| c.job.id != alices[2] && c.job.id != alices[3]));
+    assert!(
+        shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), limits)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // When one of alice's jobs finishes, her next one takes the slot.
+    let first = claimed.iter().find(|c| c.job.id == alices[0]).unwrap();
+    let settled = shared::jobs::fail(&conn, first, "done", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        settled,
+        shared::jobs::Settled::Applied {
+            next: Some(alices[2])
+        }
+    );
+    let next = shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), limits)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![alices[2]]
+    );
+}

@@ -231,7 +231,7 @@ impl TestApp {
                 entity_id: Uuid::new_v4(),
                 params: &serde_json::json!({ "prompt": prompt }),
                 max_attempts: 3,
-                slots: self.app.config.max_concurrent_jobs,
+                limits: self.app.config.limits(),
             },
         )
         .await
