@@ -222,3 +222,89 @@ async fn every_message_delivered_three_times_still_runs_each_job_once() {
     }
     assert_eq!(queue.depth().await, (0, 0, 0));
 }
+
+#[tokio::test]
+async fn a_poison_message_goes_to_the_dlq_after_max_receive_count_without_holding_up_others() {
+    let queue = TestQueue::new().await;
+    let dlq = queue
+        .client
+        .create_queue()
+        .queue_name(format!("dlq-{}", Uuid::new_v4().simple()))
+        .send()
+        .await
+        .unwrap();
+    let dlq_url = dlq.queue_url.unwrap();
+    let dlq_arn = queue
+        .client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    queue
+        .client
+        .set_queue_attributes()
+        .queue_url(&queue.url)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            serde_json::json!({ "deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2 }).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let t = TestApp::sqs(&queue).await;
+    queue
+        .client
+        .send_message()
+        .queue_url(&queue.url)
+        .message_body("{\"jobId\": 42")
+        .send()
+        .await
+        .unwrap();
+    let (_, body) = call(
+        &t.app,
+        api_request(
+            "POST",
+            "/api/generate/character",
+            Some(&user("alice", None)),
+            Some(CHARACTER),
+        ),
+    )
+    .await;
+    let good: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+
+    // The good job runs at once; the poison one is only hidden for a few seconds each time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dead = loop {
+        shared::worker::poll_sqs_once(
+            &t.app,
+            &queue.client,
+            &queue.url,
+            std::time::Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        let in_dlq = queue
+            .client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+            .parse::<i64>()
+            .unwrap();
+        if in_dlq > 0 || std::time::Instant::now() > deadline {
+            break in_dlq;
+        }
+    };
+    assert_eq!(t.status_of(good).await, "completed");
+    assert_eq!(dead, 1, "the poison message is dead-lettered");
+    assert_eq!(queue.depth().await, (0, 0, 0));
+}
