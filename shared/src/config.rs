@@ -153,12 +153,14 @@ impl Config {
             database_url: lookup("DATABASE_URL").ok_or(ConfigError::Missing("DATABASE_URL"))?,
             sqs_queue_url: lookup("SQS_QUEUE_URL"),
             max_concurrent_jobs,
+            // More than all the slots means no per-user limit at all.
             max_active_per_user: number(
                 &lookup,
                 "MAX_ACTIVE_PER_USER",
                 max_concurrent_jobs,
-                1..=max_concurrent_jobs,
-            )?,
+                1..=1_000,
+            )?
+            .min(max_concurrent_jobs),
             job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
             job_lease: Duration::from_secs(
                 number(&lookup, "JOB_LEASE_SECONDS", 300, 5..=86_400)?.into(),
@@ -270,6 +272,33 @@ mod tests {
         );
         assert!(with("sculpture=3").is_err());
         assert!(with("moodboard=-1").is_err());
+    }
+
+    #[test]
+    fn a_per_user_limit_above_the_slot_count_means_no_per_user_limit() {
+        let config = |per_user: &str| {
+            Config::from_lookup(lookup(&[
+                ("DATABASE_URL", "postgres://x"),
+                ("GENERATOR", "simulator"),
+                ("MAX_CONCURRENT_JOBS", "2"),
+                ("MAX_ACTIVE_PER_USER", per_user),
+            ]))
+            .unwrap()
+        };
+        assert_eq!(
+            config("3").limits(),
+            crate::jobs::Limits {
+                slots: 2,
+                per_user: 2
+            }
+        );
+        assert_eq!(
+            config("1").limits(),
+            crate::jobs::Limits {
+                slots: 2,
+                per_user: 1
+            }
+        );
     }
 
     #[test]
