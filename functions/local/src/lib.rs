@@ -133,6 +133,9 @@ async fn route(
     if let Some(key) = path.strip_prefix("/media/") {
         return media(app.store.dir().to_path_buf(), key).await;
     }
+    if let Some(page) = board(&path) {
+        return page;
+    }
     let (parts, body) = req.into_parts();
     // One byte over the cap is enough to know the body is too large.
     let bytes = match Limited::new(body, api::MAX_BODY_BYTES + 1).collect().await {
@@ -168,6 +171,40 @@ fn to_hyper(response: http::Response<Body>) -> http::Response<Full<Bytes>> {
         _ => Bytes::new(),
     };
     http::Response::from_parts(parts, Full::new(bytes))
+}
+
+/// The job board (`/` and `/board/*`), compiled in so the runner serves it from anywhere.
+fn board(path: &str) -> Option<http::Response<Full<Bytes>>> {
+    let (body, mime): (&'static str, &str) = match path {
+        "/" | "/index.html" => (
+            include_str!("../board/index.html"),
+            "text/html; charset=utf-8",
+        ),
+        "/board/board.js" => (
+            include_str!("../board/board.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "/board/api.js" => (
+            include_str!("../board/api.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "/board/use-job-status.js" => (
+            include_str!("../board/use-job-status.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "/board/board.css" => (
+            include_str!("../board/board.css"),
+            "text/css; charset=utf-8",
+        ),
+        _ => return None,
+    };
+    Some(
+        http::Response::builder()
+            .header("content-type", mime)
+            .header("cache-control", "no-cache")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response parts are valid"),
+    )
 }
 
 async fn media(dir: PathBuf, key: &str) -> http::Response<Full<Bytes>> {
