@@ -423,11 +423,23 @@ pub async fn poll_sqs_once(
     for failure in &response.batch_item_failures {
         handles.remove(&failure.item_identifier);
     }
-    for (_, handle) in handles {
+    // One DeleteMessageBatch per batch, as the event source mapping does: fewer SQS requests per job.
+    let entries: Vec<_> = handles
+        .into_values()
+        .enumerate()
+        .map(|(i, handle)| {
+            aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(handle)
+                .build()
+                .expect("id and receipt handle are set")
+        })
+        .collect();
+    if !entries.is_empty() {
         client
-            .delete_message()
+            .delete_message_batch()
             .queue_url(queue_url)
-            .receipt_handle(handle)
+            .set_entries(Some(entries))
             .send()
             .await?;
     }

@@ -6,6 +6,8 @@
 WITH target AS (
     SELECT id, user_id, fair_key, created_at FROM generation_jobs
     WHERE id = $1 AND status = 'queued' AND run_after <= now()
+), at_limit AS (
+    SELECT user_id FROM slots_held_by_user WHERE held >= $4
 ), mine AS (
     SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at > now()
     FOR UPDATE
@@ -14,14 +16,14 @@ WITH target AS (
 ), ahead AS (
     SELECT count(*) AS n FROM (
         SELECT 1 FROM waiting_jobs w, target t
-        WHERE w.user_holding < $4 AND (w.fair_key, w.created_at, w.id) < (t.fair_key, t.created_at, t.id)
+        WHERE w.user_id NOT IN (SELECT user_id FROM at_limit)
+          AND (w.fair_key, w.created_at, w.id) < (t.fair_key, t.created_at, t.id)
         LIMIT (SELECT n FROM free_slots)
     ) x
 ), next_in_line AS (
     SELECT 1 FROM target t
     WHERE (SELECT n FROM ahead) < (SELECT n FROM free_slots)
-      AND (SELECT count(*) FROM job_slots s JOIN generation_jobs h ON h.id = s.job_id
-           WHERE s.lease_expires_at > now() AND h.user_id = t.user_id) < $4
+      AND t.user_id NOT IN (SELECT user_id FROM at_limit)
 ), free AS (
     SELECT slot FROM job_slots
     WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())

@@ -21,7 +21,10 @@ WITH job AS (
     -- The slot just freed is owed to the next job in line: its message may be deferred for
     -- minutes, so the caller sends it a fresh one rather than leave the slot idle.
     SELECT w.id FROM waiting_jobs w
-    WHERE EXISTS (SELECT 1 FROM released) AND w.user_holding - (SELECT count(*) FROM job WHERE job.user_id = w.user_id) < $5
+    WHERE EXISTS (SELECT 1 FROM released) AND w.user_id NOT IN (
+          -- Users at their limit, not counting the slot this statement frees.
+          SELECT u.user_id FROM slots_held_by_user u
+          WHERE u.held - (SELECT count(*) FROM job WHERE job.user_id = u.user_id) >= $5)
       AND w.id NOT IN (SELECT id FROM job)
     ORDER BY w.fair_key, w.created_at, w.id
     LIMIT 1

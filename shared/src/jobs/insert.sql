@@ -8,21 +8,20 @@ WITH head AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
 ), user_jobs AS (
     SELECT max(fair_key) AS last_key FROM generation_jobs WHERE user_id = $2 AND status IN ('queued', 'processing')
-), user_holding AS (
-    SELECT count(*) AS n FROM job_slots s JOIN generation_jobs h ON h.id = s.job_id
-    WHERE s.lease_expires_at > now() AND h.user_id = $2
+), at_limit AS (
+    SELECT user_id FROM slots_held_by_user WHERE held >= $10
 ), key AS (
     SELECT greatest(
         coalesce((SELECT fair_key FROM head),
                  (SELECT max(fair_key) FROM generation_jobs WHERE status = 'processing'), 0),
         coalesce((SELECT last_key FROM user_jobs) + 1, 0)) AS k
 ), waiting AS (
-    SELECT 1 FROM waiting_jobs w WHERE w.user_holding < $10 LIMIT 1
+    SELECT 1 FROM waiting_jobs w WHERE w.user_id NOT IN (SELECT user_id FROM at_limit) LIMIT 1
 ), free AS (
     SELECT slot FROM job_slots
     WHERE slot <= $8 AND (job_id IS NULL OR lease_expires_at <= now())
       AND NOT EXISTS (SELECT 1 FROM waiting)
-      AND (SELECT n FROM user_holding) < $10
+      AND $2 NOT IN (SELECT user_id FROM at_limit)
     ORDER BY slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED
