@@ -196,7 +196,8 @@ pub async fn claim_by_id(
     })
 }
 
-/// Claims up to `limit` of the oldest due queued jobs, as slots allow (the embedded queue).
+/// Claims up to `limit` jobs as slots allow, in one statement and one commit (the embedded
+/// queue): reserved jobs first, then the next in fair-share order.
 pub async fn claim_next(
     db: &impl GenericClient,
     limit: i64,
@@ -204,24 +205,24 @@ pub async fn claim_next(
     limits: impl Into<Limits>,
 ) -> Result<Vec<Claimed>, JobsError> {
     let limits = limits.into();
-    let stmt = db
-        .prepare_cached(include_str!("claim_candidates.sql"))
+    let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
+    let rows = db
+        .query(
+            &stmt,
+            &[
+                &limit,
+                &lease.as_secs_f64(),
+                &(limits.slots as i32),
+                &(limits.per_user as i64),
+            ],
+        )
         .await?;
-    let candidates: Vec<Uuid> = db
-        .query(&stmt, &[&limit])
-        .await?
+    let mut claimed: Vec<Claimed> = rows
         .iter()
-        .map(|r| r.try_get("id"))
+        .map(|r| job_from_row(r).map(|job| Claimed { job, limits }))
         .collect::<Result<_, _>>()?;
-    let mut claimed = Vec::with_capacity(candidates.len());
-    for id in candidates {
-        match claim_by_id(db, id, lease, limits).await? {
-            ClaimResult::Claimed(c) => claimed.push(c),
-            // Every slot is taken: later candidates cannot get one either.
-            ClaimResult::NoSlot => break,
-            ClaimResult::NotDue(_) | ClaimResult::NotClaimable => {}
-        }
-    }
+    // UPDATE ... RETURNING keeps no order; hand jobs out in the order they were owed a slot.
+    claimed.sort_by_key(|c| (c.job.created_at, c.job.id));
     Ok(claimed)
 }
 

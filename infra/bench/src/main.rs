@@ -1,0 +1,673 @@
+//! `cargo run --release -p bench`: the service's latency, throughput, work per job and cold start,
+//! each beside the Postgres limit measured in the same run (this machine's disk flush time swings
+//! several-fold between runs, so only ratios travel). Needs the local Postgres and pgbench.
+//!
+//! BENCH_SECONDS (default 5) sets each timed phase; BENCH_DRAIN_JOBS (default 10000) the drain size.
+
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use shared::{
+    db,
+    generator::{GenerateError, GeneratedFile, Generator, MediaKind, Progress},
+    model::Job,
+    queue::Dispatcher,
+    App, Config,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+const FIXTURE: &str = include_str!("../../../events/enqueue-character.json");
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A generator that does nothing, so the queue's own cost is what is measured. It notes when
+/// each job started, for pickup latency.
+#[derive(Default)]
+struct Noop {
+    started: Mutex<HashMap<Uuid, Instant>>,
+}
+
+#[async_trait]
+impl Generator for Noop {
+    fn model(&self) -> &str {
+        "noop"
+    }
+
+    async fn generate(&self, job: &Job, _: &Progress) -> Result<Vec<GeneratedFile>, GenerateError> {
+        self.started.lock().unwrap().insert(job.id, Instant::now());
+        Ok(vec![GeneratedFile {
+            kind: MediaKind::Image,
+            mime_type: "image/png",
+            extension: "png",
+            width: Some(1),
+            height: Some(1),
+            bytes: vec![0u8; 16],
+        }])
+    }
+}
+
+struct Bench {
+    app: App,
+    url: String,
+    noop: Arc<Noop>,
+    media: std::path::PathBuf,
+}
+
+async fn bench_app(tag: &str, slots: u32) -> Bench {
+    let url = format!("{SERVER}/mj_bench_{tag}_{}", std::process::id());
+    db::create_database_if_missing(&url)
+        .await
+        .expect("create the bench database");
+    // Media on tmpfs when there is one: the disk under test is Postgres's.
+    let shm = std::path::Path::new("/dev/shm");
+    let media = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+    .join(format!("mj-bench-{tag}"));
+    let (u, m) = (url.clone(), media.to_string_lossy().into_owned());
+    let config = Config::from_lookup(move |name| match name {
+        "DATABASE_URL" => Some(u.clone()),
+        "GENERATOR" => Some("simulator".into()),
+        "MAX_CONCURRENT_JOBS" => Some(slots.to_string()),
+        "MEDIA_DIR" => Some(m.clone()),
+        "PUBLIC_BASE_URL" => Some("http://127.0.0.1".into()),
+        "DB_POOL_SIZE" => Some("40".into()),
+        _ => None,
+    })
+    .unwrap();
+    let pool = db::pool(&url, config.db_pool_size).unwrap();
+    db::migrate(&pool).await.expect("migrate");
+    let noop = Arc::new(Noop::default());
+    let app = App::new(config, pool, Dispatcher::embedded(), noop.clone());
+    Bench {
+        app,
+        url,
+        noop,
+        media,
+    }
+}
+
+impl Bench {
+    async fn drop_database(self) {
+        self.app.pool.close();
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let name = self.url.rsplit('/').next().unwrap();
+        client
+            .execute(
+                &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&self.media);
+    }
+
+    async fn count(&self, status: &str) -> i64 {
+        let conn = self.app.pool.get().await.unwrap();
+        conn.query_one(
+            "SELECT count(*) FROM generation_jobs WHERE status::text = $1",
+            &[&status],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+
+    /// Commits, rows and WAL of this database so far.
+    async fn work(&self) -> Work {
+        let conn = self.app.pool.get().await.unwrap();
+        let row = conn
+            .query_one(
+                "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted, \
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8 \
+                 FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap();
+        Work {
+            commits: row.get::<_, i64>(0) as f64,
+            rows: row.get::<_, i64>(1) as f64,
+            wal: row.get(2),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Work {
+    commits: f64,
+    rows: f64,
+    wal: f64,
+}
+
+/// One enqueue through the very handler the enqueue Lambda runs, from its event fixture.
+async fn enqueue_via_handler(app: &App) -> Uuid {
+    let req = lambda_http::request::from_str(FIXTURE).unwrap();
+    let response = shared::api::handle(app, req).await;
+    assert_eq!(response.status(), 202, "enqueue failed");
+    let body: serde_json::Value = serde_json::from_slice(response.body().as_ref()).unwrap();
+    body["jobId"].as_str().unwrap().parse().unwrap()
+}
+
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn p(&mut self, q: f64) -> Duration {
+        self.0.sort();
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0[((self.0.len() - 1) as f64 * q).round() as usize]
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Runs `producers` loops of `op` for `secs`; returns (latencies, operations per second).
+async fn load<F, Fut>(producers: usize, secs: u64, op: F) -> (Latencies, f64)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let until = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    op().await;
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    (Latencies(all), rate)
+}
+
+/// pgbench: transactions per second of one job's minimum work, at `clients`.
+fn pgbench(script: &str, clients: u32, secs: u64, database: &str) -> f64 {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pglimit");
+    let out = Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-n",
+            "-M",
+            "prepared",
+            "-T",
+            &secs.to_string(),
+        ])
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.to_string(),
+            "-f",
+            &format!("{dir}/{script}"),
+            database,
+        ])
+        .output()
+        .expect("pgbench (Debian: postgresql-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench {script}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn psql(database: &str, sql: &str) {
+    let status = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-qX",
+            "-d",
+            database,
+            "-c",
+            sql,
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{sql}");
+}
+
+struct Limits {
+    enq1: f64,
+    enq10: f64,
+    job3_20: f64,
+    job1_20: f64,
+    rows: Vec<String>,
+}
+
+fn limits(secs: u64) -> Limits {
+    let db = format!("mj_pglimit_{}", std::process::id());
+    psql("postgres", &format!("CREATE DATABASE {db}"));
+    psql(&db, include_str!("../pglimit/schema.sql"));
+    let mut rows = Vec::new();
+    let mut get = |script: &str, clients: u32| {
+        let tps = pgbench(script, clients, secs, &db);
+        rows.push(format!(
+            "| pgbench `{script}`, {clients} clients | {tps:.0} jobs/s | (limit) |"
+        ));
+        tps
+    };
+    let enq1 = get("enq.sql", 1);
+    let enq10 = get("enq.sql", 10);
+    let job3_20 = get("job_3tx.sql", 20);
+    let job1_20 = get("job_1tx.sql", 20);
+    psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+    Limits {
+        enq1,
+        enq10,
+        job3_20,
+        job1_20,
+        rows,
+    }
+}
+
+fn ratio(value: f64, limit: f64, name: &str) -> String {
+    format!("{:.2}× {name}", value / limit)
+}
+
+/// A Lambda Runtime API that notes when the function first asks for work ("ready") and never
+/// gives it any.
+async fn ready_time(binary: &std::path::Path) -> (Duration, u64) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .env_clear()
+        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{port}"))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "bench")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "bench")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "bench")
+        .env("AWS_SECRET_ACCESS_KEY", "bench")
+        .env("DATABASE_URL", format!("{SERVER}/never_connected"))
+        .env(
+            "SQS_QUEUE_URL",
+            "https://sqs.us-east-1.amazonaws.com/123456789012/media-jobs",
+        )
+        .env("GENERATOR", "simulator")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the function asked for its first event")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = socket.read(&mut buf).await.unwrap();
+    let ready = started.elapsed();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("/runtime/invocation/next"));
+    let pid = child.id().unwrap();
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let _ = socket.shutdown().await;
+    child.kill().await.unwrap();
+    (ready, rss_kib)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let secs = env_number("BENCH_SECONDS", 5);
+    let drain_jobs = env_number("BENCH_DRAIN_JOBS", 10_000) as i64;
+    let mut table = vec![
+        "| measure | value | ratio to the same-run limit |".to_owned(),
+        "|---|---|---|".to_owned(),
+    ];
+
+    eprintln!("pgbench limits ({secs} s each)...");
+    let limits = limits(secs);
+    table.extend(limits.rows.iter().cloned());
+
+    // ---- enqueue through the Lambda's handler ----
+    for producers in [1usize, 10] {
+        eprintln!("enqueue via handler, {producers} producers...");
+        let b = bench_app(&format!("enq{producers}"), 5).await;
+        let app = b.app.clone();
+        let (mut lat, rate) = load(producers, secs, move || {
+            let app = app.clone();
+            async move {
+                enqueue_via_handler(&app).await;
+            }
+        })
+        .await;
+        let limit = if producers == 1 {
+            limits.enq1
+        } else {
+            limits.enq10
+        };
+        table.push(format!(
+            "| enqueue, enqueue handler, {producers} producer(s): p50 {} p99 {} | {rate:.0} jobs/s | {} |",
+            ms(lat.p(0.5)),
+            ms(lat.p(0.99)),
+            ratio(rate, limit, &format!("INSERT @{producers}"))
+        ));
+        b.drop_database().await;
+    }
+
+    // ---- enqueue and status through the local HTTP server ----
+    let b = bench_app("http", 5).await;
+    let verifier = Arc::new(shared::auth::LocalVerifier::new(b"bench").unwrap());
+    let token = local::demo_token(&verifier, "bench-user", None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    // No worker would run here: park the runner's by giving it nothing to claim... it claims, and
+    // the no-op generator completes jobs, which is realistic for a live service.
+    let running = local::start(b.app.clone(), verifier, listener, Duration::from_secs(60)).unwrap();
+    let http = reqwest::Client::new();
+    for producers in [1usize, 10] {
+        eprintln!("enqueue via HTTP, {producers} producers...");
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        let (mut lat, rate) = load(producers, secs, move || {
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            async move {
+                let r = http
+                    .post(format!("{base}/api/generate/character"))
+                    .bearer_auth(&token)
+                    .body(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b","prompt":"bench"}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        })
+        .await;
+        let limit = if producers == 1 {
+            limits.enq1
+        } else {
+            limits.enq10
+        };
+        table.push(format!(
+            "| enqueue, local HTTP server, {producers} producer(s): p50 {} p99 {} | {rate:.0} jobs/s | {} |",
+            ms(lat.p(0.5)),
+            ms(lat.p(0.99)),
+            ratio(rate, limit, &format!("INSERT @{producers}"))
+        ));
+    }
+    eprintln!("status reads via HTTP...");
+    let ids: Vec<String> = {
+        let conn = b.app.pool.get().await.unwrap();
+        conn.query(
+            "SELECT id::text FROM generation_jobs WHERE user_id = 'bench-user' LIMIT 100",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let ids = Arc::new(ids);
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (mut lat, rate) = load(10, secs, {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        move || {
+            let (http, base, token, ids, counter) = (
+                http.clone(),
+                base.clone(),
+                token.clone(),
+                ids.clone(),
+                counter.clone(),
+            );
+            async move {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ids.len();
+                let r = http
+                    .get(format!("{base}/api/generate/status/{}", ids[i]))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }
+    })
+    .await;
+    table.push(format!(
+        "| status reads, local HTTP server, 10 clients: p50 {} p99 {} | {rate:.0} reads/s | {} |",
+        ms(lat.p(0.5)),
+        ms(lat.p(0.99)),
+        ratio(rate, limits.enq10, "INSERT @10")
+    ));
+    running.stop().await;
+    b.drop_database().await;
+
+    // ---- drain: jobs already queued, no-op generator ----
+    for workers in [5u32, 20] {
+        eprintln!("drain {drain_jobs} jobs with {workers} workers...");
+        let b = bench_app(&format!("drain{workers}"), workers).await;
+        let app = b.app.clone();
+        // Fill the queue through the library (10 producers), before any worker runs.
+        let filled = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let fillers: Vec<_> = (0..10)
+            .map(|_| {
+                let (app, filled) = (app.clone(), filled.clone());
+                tokio::spawn(async move {
+                    while filled.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < drain_jobs {
+                        enqueue_via_handler(&app).await;
+                    }
+                })
+            })
+            .collect();
+        for f in fillers {
+            f.await.unwrap();
+        }
+        let before = b.work().await;
+        let started = Instant::now();
+        let Dispatcher::Embedded { wake } = app.queue.clone() else {
+            unreachable!()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(shared::worker::run_embedded(
+            app.clone(),
+            wake,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        while b.count("completed").await < drain_jobs {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+        let after = b.work().await;
+        let rate = drain_jobs as f64 / elapsed.as_secs_f64();
+        table.push(format!(
+            "| drain {drain_jobs} queued jobs, {workers} workers | {rate:.0} jobs/s | {} |",
+            ratio(rate, limits.job3_20, "3-tx @20")
+        ));
+        if workers == 20 {
+            let per = |a: f64, b: f64| (a - b) / drain_jobs as f64;
+            table.push(format!(
+                "| work per job while draining: commits (= statements: all autocommit) / rows written / WAL | {:.2} / {:.2} / {:.0} B | |",
+                per(after.commits, before.commits),
+                per(after.rows, before.rows),
+                per(after.wal, before.wal)
+            ));
+        }
+        b.drop_database().await;
+    }
+
+    // ---- end to end: producers and workers at once ----
+    eprintln!("end to end, 10 producers and 20 workers...");
+    let b = bench_app("e2e", 20).await;
+    let app = b.app.clone();
+    let Dispatcher::Embedded { wake } = app.queue.clone() else {
+        unreachable!()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(shared::worker::run_embedded(
+        app.clone(),
+        wake,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let before = b.work().await;
+    let done_before = b.count("completed").await;
+    let started = Instant::now();
+    let (_, enq_rate) = load(10, secs, {
+        let app = app.clone();
+        move || {
+            let app = app.clone();
+            async move {
+                enqueue_via_handler(&app).await;
+            }
+        }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let done = b.count("completed").await - done_before;
+    let after = b.work().await;
+    let _ = stop_tx.send(());
+    runner.await.unwrap();
+    let rate = done as f64 / elapsed.as_secs_f64();
+    table.push(format!(
+        "| end to end, 10 producers + 20 workers: completed (enqueued {enq_rate:.0}/s) | {rate:.0} jobs/s | {} |",
+        ratio(rate, limits.job3_20, "3-tx @20")
+    ));
+    let enqueued = (enq_rate * elapsed.as_secs_f64()).max(1.0);
+    table.push(format!(
+        "| work per job end to end: commits / rows written / WAL (per enqueued job) | {:.2} / {:.2} / {:.0} B | |",
+        (after.commits - before.commits) / enqueued,
+        (after.rows - before.rows) / enqueued,
+        (after.wal - before.wal) / enqueued
+    ));
+    b.drop_database().await;
+
+    // ---- pickup latency at an idle trickle ----
+    eprintln!("pickup latency at 50 jobs/s...");
+    let b = bench_app("pickup", 20).await;
+    let app = b.app.clone();
+    let Dispatcher::Embedded { wake } = app.queue.clone() else {
+        unreachable!()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(shared::worker::run_embedded(
+        app.clone(),
+        wake,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut sent = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for _ in 0..(50 * secs) {
+        tick.tick().await;
+        let t = Instant::now();
+        let id = enqueue_via_handler(&app).await;
+        sent.push((id, t));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started_at = b.noop.started.lock().unwrap().clone();
+    let mut pickup = Latencies(
+        sent.iter()
+            .filter_map(|(id, t)| started_at.get(id).map(|s| s.duration_since(*t)))
+            .collect(),
+    );
+    table.push(format!(
+        "| pickup (enqueue call to generator start), 50 jobs/s, embedded queue: p50 {} p99 {} | {} of {} picked up | |",
+        ms(pickup.p(0.5)),
+        ms(pickup.p(0.99)),
+        pickup.0.len(),
+        sent.len()
+    ));
+    let _ = stop_tx.send(());
+    runner.await.unwrap();
+    b.drop_database().await;
+
+    // ---- the function binaries ----
+    eprintln!("function binaries (release build)...");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "enqueue",
+            "-p",
+            "status",
+            "-p",
+            "worker",
+            "-p",
+            "poller",
+        ])
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release");
+    for f in ["enqueue", "status", "worker", "poller"] {
+        let path = target.join(f);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let mut readies = Vec::new();
+        let mut rss = 0;
+        for _ in 0..5 {
+            let (ready, kib) = ready_time(&path).await;
+            readies.push(ready);
+            rss = rss.max(kib);
+        }
+        let mut readies = Latencies(readies);
+        table.push(format!(
+            "| `{f}` binary (x86_64, stripped): size / process start to ready (median of 5) / resident | {:.1} MiB / {} / {:.1} MiB | |",
+            size as f64 / 1048576.0,
+            ms(readies.p(0.5)),
+            rss as f64 / 1024.0
+        ));
+    }
+
+    let _ = limits.job1_20;
+    table.push(format!(
+        "| (also measured) pgbench one-transaction job @20 | {:.0} jobs/s | |",
+        limits.job1_20
+    ));
+    let report = table.join("\n");
+    println!("{report}");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("results.md"), format!("{report}\n")).unwrap();
+}

@@ -1,0 +1,50 @@
+-- Claims up to $1 jobs in one statement (the embedded queue): every due job holding a
+-- reservation, plus the next waiting jobs in fair-share order paired with as many free slots
+-- (within the first $3), each user getting no more than its $4-slot allowance. One commit for
+-- the whole batch. A job another claimer took meanwhile fails the status re-check and its slot
+-- stays free.
+WITH held_by_user AS (
+    SELECT user_id, held FROM slots_held_by_user
+), free AS (
+    SELECT slot, row_number() OVER (ORDER BY slot) AS rn
+    FROM (SELECT slot FROM job_slots
+          WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
+          ORDER BY slot LIMIT $1
+          FOR UPDATE SKIP LOCKED) f
+), reserved AS (
+    SELECT s.slot, s.job_id AS id
+    FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id
+    WHERE s.lease_expires_at > now() AND q.status = 'queued' AND q.run_after <= now()
+    LIMIT $1
+    FOR UPDATE OF s SKIP LOCKED
+), head AS (
+    -- A bounded look at the front of the line, ranked within each user.
+    SELECT w.id, w.user_id, w.fair_key, w.created_at,
+           row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
+    FROM (SELECT * FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16) w
+), next AS (
+    SELECT h.id, row_number() OVER (ORDER BY h.fair_key, h.created_at, h.id) AS rn
+    FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
+    WHERE h.turn <= $4 - coalesce(u.held, 0)
+), pairs AS (
+    SELECT next.id, free.slot FROM next JOIN free USING (rn)
+    UNION ALL
+    SELECT id, slot FROM reserved
+), claimed AS (
+    UPDATE generation_jobs j
+    SET status = 'processing',
+        attempts = j.attempts + 1,
+        started_at = now(),
+        lease_expires_at = now() + make_interval(secs => $2),
+        updated_at = now()
+    FROM pairs
+    WHERE j.id = pairs.id AND j.status = 'queued'
+    RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress, j.result_media_id, j.error_message, j.attempts, j.max_attempts, j.created_at, j.started_at, j.completed_at, j.lease_expires_at, pairs.slot
+), held AS (
+    UPDATE job_slots s
+    SET job_id = claimed.id, lease_expires_at = claimed.lease_expires_at
+    FROM claimed
+    WHERE s.slot = claimed.slot
+    RETURNING s.slot
+)
+SELECT * FROM claimed
