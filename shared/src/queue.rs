@@ -9,6 +9,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+/// SQS API requests this process has made (sends, batches, visibility changes, receives,
+/// deletes): what the benchmark divides by jobs to report SQS requests per job.
+pub static SQS_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn count_request() {
+    SQS_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The one message the queue carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -55,6 +63,7 @@ impl Dispatcher {
     pub async fn dispatch(&self, job_id: Uuid, delay: Duration) -> Result<(), QueueError> {
         match self {
             Dispatcher::Sqs { client, queue_url } => {
+                count_request();
                 let body = serde_json::to_string(&JobMessage { job_id })
                     .expect("a uuid always serialises");
                 client
@@ -83,6 +92,7 @@ impl Dispatcher {
             Dispatcher::Sqs { client, queue_url } => {
                 let mut sent = 0;
                 for chunk in job_ids.chunks(10) {
+                    count_request();
                     let entries = chunk
                         .iter()
                         .enumerate()
@@ -117,6 +127,7 @@ impl Dispatcher {
     /// Hides a received message for `delay` before it is delivered again (SQS only).
     pub async fn defer(&self, receipt_handle: &str, delay: Duration) {
         if let Dispatcher::Sqs { client, queue_url } = self {
+            count_request();
             let result = client
                 .change_message_visibility()
                 .queue_url(queue_url)

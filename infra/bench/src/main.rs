@@ -621,7 +621,60 @@ async fn main() {
     runner.await.unwrap();
     b.drop_database().await;
 
+    // ---- SQS requests per job, against a local SQS API when one is given ----
+    if let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") {
+        eprintln!("SQS requests per job (moto at {endpoint})...");
+        let jobs = 300i64;
+        let config = shared::queue::sqs_client(&format!("{endpoint}/123456789012/x")).await;
+        let name = format!("bench-{}", Uuid::new_v4().simple());
+        let queue_url = config
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        let mut b = bench_app("sqs", 20).await;
+        b.app.queue = Dispatcher::sqs(config.clone(), queue_url.clone());
+        let before = shared::queue::SQS_REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
+        let (app, filled) = (
+            b.app.clone(),
+            Arc::new(std::sync::atomic::AtomicI64::new(0)),
+        );
+        let producers: Vec<_> = (0..10)
+            .map(|_| {
+                let (app, filled) = (app.clone(), filled.clone());
+                tokio::spawn(async move {
+                    while filled.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < jobs {
+                        enqueue_via_handler(&app).await;
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while b.count("completed").await < jobs && Instant::now() < deadline {
+            shared::worker::poll_sqs_once(&app, &config, &queue_url, Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+        let requests =
+            shared::queue::SQS_REQUESTS.load(std::sync::atomic::Ordering::Relaxed) - before;
+        table.push(format!(
+            "| SQS requests per job (send, receive, delete batch, deferrals; {jobs} jobs, 20 slots, moto) | {:.2} | |",
+            requests as f64 / jobs as f64
+        ));
+        b.drop_database().await;
+    }
+
     // ---- the function binaries ----
+    if std::env::var_os("BENCH_SKIP_BINARIES").is_some() {
+        println!("{}", table.join("\n"));
+        return;
+    }
     eprintln!("function binaries (release build)...");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let built = Command::new(&cargo)

@@ -27,9 +27,14 @@ WITH held_by_user AS (
     FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
     WHERE h.turn <= $4 - coalesce(u.held, 0)
 ), pairs AS (
-    SELECT next.id, free.slot FROM next JOIN free USING (rn)
-    UNION ALL
-    SELECT id, slot FROM reserved
+    -- Reserved jobs first, then the line; never more than $1 in all.
+    SELECT id, slot FROM (
+        SELECT id, slot, 0 AS reserved_first, 0::bigint AS rn FROM reserved
+        UNION ALL
+        SELECT next.id, free.slot, 1, next.rn FROM next JOIN free USING (rn)
+    ) p
+    ORDER BY reserved_first, rn
+    LIMIT $1
 ), claimed AS (
     UPDATE generation_jobs j
     SET status = 'processing',

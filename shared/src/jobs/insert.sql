@@ -15,13 +15,14 @@ WITH head AS (
         coalesce((SELECT fair_key FROM head),
                  (SELECT max(fair_key) FROM generation_jobs WHERE status = 'processing'), 0),
         coalesce((SELECT last_key FROM user_jobs) + 1, 0)) AS k
-), waiting AS (
-    SELECT 1 FROM waiting_jobs w WHERE w.user_id NOT IN (SELECT user_id FROM at_limit) LIMIT 1
 ), free AS (
+    -- The waiting-job check refers to the slot row so that it runs only when a slot is free: a
+    -- long queue of a user at their limit is then never scanned while every slot is busy.
     SELECT slot FROM job_slots
     WHERE slot <= $8 AND (job_id IS NULL OR lease_expires_at <= now())
-      AND NOT EXISTS (SELECT 1 FROM waiting)
       AND $2 NOT IN (SELECT user_id FROM at_limit)
+      AND NOT EXISTS (SELECT 1 FROM waiting_jobs w
+                      WHERE w.user_id NOT IN (SELECT user_id FROM at_limit) AND job_slots.slot IS NOT NULL)
     ORDER BY slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED

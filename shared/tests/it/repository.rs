@@ -147,3 +147,40 @@ async fn migrating_twice_is_harmless() {
         .await
         .expect("second migration run is a no-op");
 }
+
+#[tokio::test]
+async fn a_batch_claim_never_returns_more_jobs_than_asked_for_even_with_reservations() {
+    let t = TestApp::configured(
+        |_| shared::queue::Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "6")],
+    )
+    .await;
+    // Three jobs hold reservations (answered `direct`)...
+    for _ in 0..3 {
+        let (_, body) = call(
+            &t.app,
+            api_request(
+                "POST",
+                "/api/generate/character",
+                Some(&user("alice", None)),
+                Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+            ),
+        )
+        .await;
+        assert_eq!(body["mode"], "direct");
+    }
+    // ...and three more wait without one, while three slots are free.
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+         SELECT gen_random_uuid(), 'bob', 'moodboard', gen_random_uuid() FROM generate_series(1, 3)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let first = shared::jobs::claim_next(&conn, 3, Duration::from_secs(60), t.app.config.limits()).await.unwrap();
+    assert_eq!(first.len(), 3, "three asked for, three given");
+    let rest = shared::jobs::claim_next(&conn, 100, Duration::from_secs(60), t.app.config.limits()).await.unwrap();
+    assert_eq!(rest.len(), 3);
+}
