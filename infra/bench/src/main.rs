@@ -351,8 +351,22 @@ async fn ready_time(binary: &std::path::Path) -> (Duration, u64) {
     (ready, rss_kib)
 }
 
+/// BENCH_PHASES (comma separated: enqueue, http, drain, e2e, pickup, sqs, binaries) picks phases;
+/// all by default.
+fn phase(name: &str) -> bool {
+    std::env::var("BENCH_PHASES")
+        .map(|p| p.split(',').any(|x| x.trim() == name))
+        .unwrap_or(true)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let secs = env_number("BENCH_SECONDS", 5);
     let drain_jobs = env_number("BENCH_DRAIN_JOBS", 10_000) as i64;
     let mut table = vec![
@@ -365,7 +379,7 @@ async fn main() {
     table.extend(limits.rows.iter().cloned());
 
     // ---- enqueue through the Lambda's handler ----
-    for producers in [1usize, 10] {
+    for producers in [1usize, 10].into_iter().filter(|_| phase("enqueue")) {
         eprintln!("enqueue via handler, {producers} producers...");
         let b = bench_app(&format!("enq{producers}"), 5).await;
         let app = b.app.clone();
@@ -391,19 +405,21 @@ async fn main() {
     }
 
     // ---- enqueue and status through the local HTTP server ----
-    let b = bench_app("http", 5).await;
-    let verifier = Arc::new(shared::auth::LocalVerifier::new(b"bench").unwrap());
-    let token = local::demo_token(&verifier, "bench-user", None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    // No worker would run here: park the runner's by giving it nothing to claim... it claims, and
-    // the no-op generator completes jobs, which is realistic for a live service.
-    let running = local::start(b.app.clone(), verifier, listener, Duration::from_secs(60)).unwrap();
-    let http = reqwest::Client::new();
-    for producers in [1usize, 10] {
-        eprintln!("enqueue via HTTP, {producers} producers...");
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
-        let (mut lat, rate) = load(producers, secs, move || {
+    if phase("http") {
+        let b = bench_app("http", 5).await;
+        let verifier = Arc::new(shared::auth::LocalVerifier::new(b"bench").unwrap());
+        let token = local::demo_token(&verifier, "bench-user", None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        // No worker would run here: park the runner's by giving it nothing to claim... it claims, and
+        // the no-op generator completes jobs, which is realistic for a live service.
+        let running =
+            local::start(b.app.clone(), verifier, listener, Duration::from_secs(60)).unwrap();
+        let http = reqwest::Client::new();
+        for producers in [1usize, 10] {
+            eprintln!("enqueue via HTTP, {producers} producers...");
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            let (mut lat, rate) = load(producers, secs, move || {
             let (http, base, token) = (http.clone(), base.clone(), token.clone());
             async move {
                 let r = http
@@ -417,67 +433,68 @@ async fn main() {
             }
         })
         .await;
-        let limit = if producers == 1 {
-            limits.enq1
-        } else {
-            limits.enq10
-        };
-        table.push(format!(
+            let limit = if producers == 1 {
+                limits.enq1
+            } else {
+                limits.enq10
+            };
+            table.push(format!(
             "| enqueue, local HTTP server, {producers} producer(s): p50 {} p99 {} | {rate:.0} jobs/s | {} |",
             ms(lat.p(0.5)),
             ms(lat.p(0.99)),
             ratio(rate, limit, &format!("INSERT @{producers}"))
         ));
-    }
-    eprintln!("status reads via HTTP...");
-    let ids: Vec<String> = {
-        let conn = b.app.pool.get().await.unwrap();
-        conn.query(
-            "SELECT id::text FROM generation_jobs WHERE user_id = 'bench-user' LIMIT 100",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
-    let ids = Arc::new(ids);
-    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (mut lat, rate) = load(10, secs, {
-        let (http, base, token) = (http.clone(), base.clone(), token.clone());
-        move || {
-            let (http, base, token, ids, counter) = (
-                http.clone(),
-                base.clone(),
-                token.clone(),
-                ids.clone(),
-                counter.clone(),
-            );
-            async move {
-                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ids.len();
-                let r = http
-                    .get(format!("{base}/api/generate/status/{}", ids[i]))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-            }
         }
-    })
-    .await;
-    table.push(format!(
+        eprintln!("status reads via HTTP...");
+        let ids: Vec<String> = {
+            let conn = b.app.pool.get().await.unwrap();
+            conn.query(
+                "SELECT id::text FROM generation_jobs WHERE user_id = 'bench-user' LIMIT 100",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        };
+        let ids = Arc::new(ids);
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut lat, rate) = load(10, secs, {
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            move || {
+                let (http, base, token, ids, counter) = (
+                    http.clone(),
+                    base.clone(),
+                    token.clone(),
+                    ids.clone(),
+                    counter.clone(),
+                );
+                async move {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % ids.len();
+                    let r = http
+                        .get(format!("{base}/api/generate/status/{}", ids[i]))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        })
+        .await;
+        table.push(format!(
         "| status reads, local HTTP server, 10 clients: p50 {} p99 {} | {rate:.0} reads/s | {} |",
         ms(lat.p(0.5)),
         ms(lat.p(0.99)),
         ratio(rate, limits.enq10, "INSERT @10")
     ));
-    running.stop().await;
-    b.drop_database().await;
+        running.stop().await;
+        b.drop_database().await;
+    }
 
     // ---- drain: jobs already queued, no-op generator ----
-    for workers in [5u32, 20] {
+    for workers in [5u32, 20].into_iter().filter(|_| phase("drain")) {
         eprintln!("drain {drain_jobs} jobs with {workers} workers...");
         let b = bench_app(&format!("drain{workers}"), workers).await;
         let app = b.app.clone();
@@ -534,95 +551,99 @@ async fn main() {
     }
 
     // ---- end to end: producers and workers at once ----
-    eprintln!("end to end, 10 producers and 20 workers...");
-    let b = bench_app("e2e", 20).await;
-    let app = b.app.clone();
-    let Dispatcher::Embedded { wake } = app.queue.clone() else {
-        unreachable!()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runner = tokio::spawn(shared::worker::run_embedded(
-        app.clone(),
-        wake,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let before = b.work().await;
-    let done_before = b.count("completed").await;
-    let started = Instant::now();
-    let (_, enq_rate) = load(10, secs, {
-        let app = app.clone();
-        move || {
-            let app = app.clone();
+    if phase("e2e") {
+        eprintln!("end to end, 10 producers and 20 workers...");
+        let b = bench_app("e2e", 20).await;
+        let app = b.app.clone();
+        let Dispatcher::Embedded { wake } = app.queue.clone() else {
+            unreachable!()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(shared::worker::run_embedded(
+            app.clone(),
+            wake,
             async move {
-                enqueue_via_handler(&app).await;
+                let _ = stop_rx.await;
+            },
+        ));
+        let before = b.work().await;
+        let done_before = b.count("completed").await;
+        let started = Instant::now();
+        let (_, enq_rate) = load(10, secs, {
+            let app = app.clone();
+            move || {
+                let app = app.clone();
+                async move {
+                    enqueue_via_handler(&app).await;
+                }
             }
-        }
-    })
-    .await;
-    let elapsed = started.elapsed();
-    let done = b.count("completed").await - done_before;
-    let after = b.work().await;
-    let _ = stop_tx.send(());
-    runner.await.unwrap();
-    let rate = done as f64 / elapsed.as_secs_f64();
-    table.push(format!(
+        })
+        .await;
+        let elapsed = started.elapsed();
+        let done = b.count("completed").await - done_before;
+        let after = b.work().await;
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+        let rate = done as f64 / elapsed.as_secs_f64();
+        table.push(format!(
         "| end to end, 10 producers + 20 workers: completed (enqueued {enq_rate:.0}/s) | {rate:.0} jobs/s | {} |",
         ratio(rate, limits.job3_20, "3-tx @20")
     ));
-    let enqueued = (enq_rate * elapsed.as_secs_f64()).max(1.0);
-    table.push(format!(
+        let enqueued = (enq_rate * elapsed.as_secs_f64()).max(1.0);
+        table.push(format!(
         "| work per job end to end: commits / rows written / WAL (per enqueued job) | {:.2} / {:.2} / {:.0} B | |",
         (after.commits - before.commits) / enqueued,
         (after.rows - before.rows) / enqueued,
         (after.wal - before.wal) / enqueued
     ));
-    b.drop_database().await;
+        b.drop_database().await;
+    }
 
     // ---- pickup latency at an idle trickle ----
-    eprintln!("pickup latency at 50 jobs/s...");
-    let b = bench_app("pickup", 20).await;
-    let app = b.app.clone();
-    let Dispatcher::Embedded { wake } = app.queue.clone() else {
-        unreachable!()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runner = tokio::spawn(shared::worker::run_embedded(
-        app.clone(),
-        wake,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let mut sent = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    for _ in 0..(50 * secs) {
-        tick.tick().await;
-        let t = Instant::now();
-        let id = enqueue_via_handler(&app).await;
-        sent.push((id, t));
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let started_at = b.noop.started.lock().unwrap().clone();
-    let mut pickup = Latencies(
-        sent.iter()
-            .filter_map(|(id, t)| started_at.get(id).map(|s| s.duration_since(*t)))
-            .collect(),
-    );
-    table.push(format!(
+    if phase("pickup") {
+        eprintln!("pickup latency at 50 jobs/s...");
+        let b = bench_app("pickup", 20).await;
+        let app = b.app.clone();
+        let Dispatcher::Embedded { wake } = app.queue.clone() else {
+            unreachable!()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(shared::worker::run_embedded(
+            app.clone(),
+            wake,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let mut sent = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for _ in 0..(50 * secs) {
+            tick.tick().await;
+            let t = Instant::now();
+            let id = enqueue_via_handler(&app).await;
+            sent.push((id, t));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started_at = b.noop.started.lock().unwrap().clone();
+        let mut pickup = Latencies(
+            sent.iter()
+                .filter_map(|(id, t)| started_at.get(id).map(|s| s.duration_since(*t)))
+                .collect(),
+        );
+        table.push(format!(
         "| pickup (enqueue call to generator start), 50 jobs/s, embedded queue: p50 {} p99 {} | {} of {} picked up | |",
         ms(pickup.p(0.5)),
         ms(pickup.p(0.99)),
         pickup.0.len(),
         sent.len()
     ));
-    let _ = stop_tx.send(());
-    runner.await.unwrap();
-    b.drop_database().await;
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+        b.drop_database().await;
+    }
 
     // ---- SQS requests per job, against a local SQS API when one is given ----
-    if let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") {
+    if let (true, Ok(endpoint)) = (phase("sqs"), std::env::var("MOTO_ENDPOINT")) {
         eprintln!("SQS requests per job (moto at {endpoint})...");
         let jobs = 300i64;
         let config = shared::queue::sqs_client(&format!("{endpoint}/123456789012/x")).await;
@@ -671,7 +692,7 @@ async fn main() {
     }
 
     // ---- the function binaries ----
-    if std::env::var_os("BENCH_SKIP_BINARIES").is_some() {
+    if !phase("binaries") {
         println!("{}", table.join("\n"));
         return;
     }

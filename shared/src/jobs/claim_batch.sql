@@ -1,8 +1,9 @@
 -- Claims up to $1 jobs in one statement (the embedded queue): every due job holding a
 -- reservation, plus the next waiting jobs in fair-share order paired with as many free slots
 -- (within the first $3), each user getting no more than its $4-slot allowance. One commit for
--- the whole batch. A job another claimer took meanwhile fails the status re-check and its slot
--- stays free.
+-- the whole batch. Every row it will change is locked up front with SKIP LOCKED, so a claim
+-- never waits on another statement (and so never takes part in a deadlock): a job or slot
+-- someone else holds is simply left for the next claim.
 WITH held_by_user AS (
     SELECT user_id, held FROM slots_held_by_user
 ), free AS (
@@ -16,12 +17,15 @@ WITH held_by_user AS (
     FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id
     WHERE s.lease_expires_at > now() AND q.status = 'queued' AND q.run_after <= now()
     LIMIT $1
-    FOR UPDATE OF s SKIP LOCKED
+    FOR UPDATE OF s, q SKIP LOCKED
 ), head AS (
     -- A bounded look at the front of the line, ranked within each user.
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
-    FROM (SELECT * FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16) w
+    FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
+          WHERE q.id IN (SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16)
+            AND q.status = 'queued'
+          FOR UPDATE SKIP LOCKED) w
 ), next AS (
     SELECT h.id, row_number() OVER (ORDER BY h.fair_key, h.created_at, h.id) AS rn
     FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id

@@ -166,18 +166,13 @@ pub async fn claim_by_id(
 ) -> Result<ClaimResult, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_by_id.sql")).await?;
-    if let Some(row) = db
-        .query_opt(
-            &stmt,
-            &[
-                &id,
-                &lease.as_secs_f64(),
-                &(limits.slots as i32),
-                &(limits.per_user as i64),
-            ],
-        )
-        .await?
-    {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &id,
+        &lease.as_secs_f64(),
+        &(limits.slots as i32),
+        &(limits.per_user as i64),
+    ];
+    if let Some(row) = retrying(|| db.query_opt(&stmt, params)).await? {
         return Ok(ClaimResult::Claimed(Claimed {
             job: job_from_row(&row)?,
             limits,
@@ -206,17 +201,13 @@ pub async fn claim_next(
 ) -> Result<Vec<Claimed>, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
-    let rows = db
-        .query(
-            &stmt,
-            &[
-                &limit,
-                &lease.as_secs_f64(),
-                &(limits.slots as i32),
-                &(limits.per_user as i64),
-            ],
-        )
-        .await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &limit,
+        &lease.as_secs_f64(),
+        &(limits.slots as i32),
+        &(limits.per_user as i64),
+    ];
+    let rows = retrying(|| db.query(&stmt, params)).await?;
     let mut claimed: Vec<Claimed> = rows
         .iter()
         .map(|r| job_from_row(r).map(|job| Claimed { job, limits }))
@@ -234,17 +225,13 @@ pub async fn heartbeat(
     lease: Duration,
 ) -> Result<bool, JobsError> {
     let stmt = db.prepare_cached(include_str!("heartbeat.sql")).await?;
-    let row = db
-        .query_opt(
-            &stmt,
-            &[
-                &claim.job.id,
-                &claim.attempt(),
-                &progress.clamp(0, 99),
-                &lease.as_secs_f64(),
-            ],
-        )
-        .await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &claim.job.id,
+        &claim.attempt(),
+        &progress.clamp(0, 99),
+        &lease.as_secs_f64(),
+    ];
+    let row = retrying(|| db.query_opt(&stmt, params)).await?;
     Ok(row.is_some())
 }
 
@@ -262,6 +249,23 @@ impl Settled {
     pub fn applied(self) -> bool {
         matches!(self, Settled::Applied { .. })
     }
+}
+
+/// Runs one statement again when Postgres picked it as a deadlock victim. Safe because every
+/// statement here is a single atomic, guarded transition: a victim changed nothing.
+async fn retrying<T, Fut>(mut run: impl FnMut() -> Fut) -> Result<T, tokio_postgres::Error>
+where
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    for _ in 0..3 {
+        match run().await {
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
+                tracing::debug!("deadlock victim; running the statement again");
+            }
+            done => return done,
+        }
+    }
+    run().await
 }
 
 fn settled(row: Option<Row>) -> Result<Settled, JobsError> {
@@ -291,27 +295,23 @@ pub async fn complete(
     let widths: Vec<Option<i32>> = media.iter().map(|m| m.width).collect();
     let heights: Vec<Option<i32>> = media.iter().map(|m| m.height).collect();
     let sizes: Vec<i64> = media.iter().map(|m| m.size_bytes).collect();
-    let row = db
-        .query_opt(
-            &stmt,
-            &[
-                &claim.job.id,
-                &claim.attempt(),
-                &ids,
-                &media_types,
-                &mime_types,
-                &storages,
-                &keys,
-                &urls,
-                &widths,
-                &heights,
-                &sizes,
-                &model,
-                &credits,
-                &(claim.limits.per_user as i64),
-            ],
-        )
-        .await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &claim.job.id,
+        &claim.attempt(),
+        &ids,
+        &media_types,
+        &mime_types,
+        &storages,
+        &keys,
+        &urls,
+        &widths,
+        &heights,
+        &sizes,
+        &model,
+        &credits,
+        &(claim.limits.per_user as i64),
+    ];
+    let row = retrying(|| db.query_opt(&stmt, params)).await?;
     settled(row)
 }
 
@@ -323,18 +323,14 @@ pub async fn fail(
     retryable: bool,
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("fail.sql")).await?;
-    let row = db
-        .query_opt(
-            &stmt,
-            &[
-                &claim.job.id,
-                &claim.attempt(),
-                &error,
-                &retryable,
-                &(claim.limits.per_user as i64),
-            ],
-        )
-        .await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &claim.job.id,
+        &claim.attempt(),
+        &error,
+        &retryable,
+        &(claim.limits.per_user as i64),
+    ];
+    let row = retrying(|| db.query_opt(&stmt, params)).await?;
     settled(row)
 }
 
@@ -346,18 +342,14 @@ pub async fn requeue(
     delay: Duration,
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("requeue.sql")).await?;
-    let row = db
-        .query_opt(
-            &stmt,
-            &[
-                &claim.job.id,
-                &claim.attempt(),
-                &error,
-                &delay.as_secs_f64(),
-                &(claim.limits.per_user as i64),
-            ],
-        )
-        .await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &claim.job.id,
+        &claim.attempt(),
+        &error,
+        &delay.as_secs_f64(),
+        &(claim.limits.per_user as i64),
+    ];
+    let row = retrying(|| db.query_opt(&stmt, params)).await?;
     settled(row)
 }
 
@@ -445,13 +437,10 @@ pub async fn cancel(
     per_user: u32,
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("cancel.sql")).await?;
-    settled(
-        db.query_opt(
-            &stmt,
-            &[&id, &owner.user_id, &owner.tenant_id, &(per_user as i64)],
-        )
-        .await?,
-    )
+    let per_user = per_user as i64;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&id, &owner.user_id, &owner.tenant_id, &per_user];
+    settled(retrying(|| db.query_opt(&stmt, params)).await?)
 }
 
 /// One attempt's error, as kept.

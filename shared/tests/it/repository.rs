@@ -179,8 +179,12 @@ async fn a_batch_claim_never_returns_more_jobs_than_asked_for_even_with_reservat
     )
     .await
     .unwrap();
-    let first = shared::jobs::claim_next(&conn, 3, Duration::from_secs(60), t.app.config.limits()).await.unwrap();
+    let first = shared::jobs::claim_next(&conn, 3, Duration::from_secs(60), t.app.config.limits())
+        .await
+        .unwrap();
     assert_eq!(first.len(), 3, "three asked for, three given");
-    let rest = shared::jobs::claim_next(&conn, 100, Duration::from_secs(60), t.app.config.limits()).await.unwrap();
+    let rest = shared::jobs::claim_next(&conn, 100, Duration::from_secs(60), t.app.config.limits())
+        .await
+        .unwrap();
     assert_eq!(rest.len(), 3);
 }
