@@ -646,6 +646,13 @@ async fn main() {
     if let (true, Ok(endpoint)) = (phase("sqs"), std::env::var("MOTO_ENDPOINT")) {
         eprintln!("SQS requests per job (moto at {endpoint})...");
         let jobs = 300i64;
+        // A local SQS API takes any credentials; name them so the SDK never goes looking for
+        // real ones (the instance metadata endpoint among them).
+        for (k, v) in [("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_REGION", "us-east-1")] {
+            if std::env::var_os(k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
         let config = shared::queue::sqs_client(&format!("{endpoint}/123456789012/x")).await;
         let name = format!("bench-{}", Uuid::new_v4().simple());
         let queue_url = config
