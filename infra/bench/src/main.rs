@@ -648,7 +648,11 @@ async fn main() {
         let jobs = 300i64;
         // A local SQS API takes any credentials; name them so the SDK never goes looking for
         // real ones (the instance metadata endpoint among them).
-        for (k, v) in [("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_REGION", "us-east-1")] {
+        for (k, v) in [
+            ("AWS_ACCESS_KEY_ID", "bench"),
+            ("AWS_SECRET_ACCESS_KEY", "bench"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
             if std::env::var_os(k).is_none() {
                 std::env::set_var(k, v);
             }
