@@ -167,6 +167,27 @@ async fn enqueue_via_handler(app: &App) -> Uuid {
     body["jobId"].as_str().unwrap().parse().unwrap()
 }
 
+/// Starts the embedded queue's workers; send on the returned channel to stop them.
+fn start_workers(
+    app: &App,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let Dispatcher::Embedded { wake } = app.queue.clone() else {
+        unreachable!("the bench runs the embedded queue")
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(shared::worker::run_embedded(
+        app.clone(),
+        wake,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (stop_tx, runner)
+}
+
 struct Latencies(Vec<Duration>);
 
 impl Latencies {
@@ -515,17 +536,7 @@ async fn main() {
         }
         let before = b.work().await;
         let started = Instant::now();
-        let Dispatcher::Embedded { wake } = app.queue.clone() else {
-            unreachable!()
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let runner = tokio::spawn(shared::worker::run_embedded(
-            app.clone(),
-            wake,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (stop_tx, runner) = start_workers(&app);
         while b.count("completed").await < drain_jobs {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -555,17 +566,7 @@ async fn main() {
         eprintln!("end to end, 10 producers and 20 workers...");
         let b = bench_app("e2e", 20).await;
         let app = b.app.clone();
-        let Dispatcher::Embedded { wake } = app.queue.clone() else {
-            unreachable!()
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let runner = tokio::spawn(shared::worker::run_embedded(
-            app.clone(),
-            wake,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (stop_tx, runner) = start_workers(&app);
         let before = b.work().await;
         let done_before = b.count("completed").await;
         let started = Instant::now();
@@ -604,17 +605,7 @@ async fn main() {
         eprintln!("pickup latency at 50 jobs/s...");
         let b = bench_app("pickup", 20).await;
         let app = b.app.clone();
-        let Dispatcher::Embedded { wake } = app.queue.clone() else {
-            unreachable!()
-        };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let runner = tokio::spawn(shared::worker::run_embedded(
-            app.clone(),
-            wake,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let (stop_tx, runner) = start_workers(&app);
         let mut sent = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         for _ in 0..(50 * secs) {
