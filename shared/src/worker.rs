@@ -323,9 +323,6 @@ pub async fn run_embedded(
 ) {
     const IDLE_POLL: Duration = Duration::from_millis(500);
     let slots = Arc::new(Semaphore::new(app.config.max_concurrent_jobs as usize));
-    // Set once shutdown begins, so workers finish their job in hand but claim no more.
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _stop_on_return = StopOnDrop(stopping.clone());
     tokio::pin!(shutdown);
     loop {
         // Wait for at least one free slot, then claim as many jobs as there are free slots.
@@ -363,41 +360,21 @@ pub async fn run_embedded(
         }
         // claim_next never returns more jobs than it was asked for, so each has a permit.
         debug_assert!(claimed.len() <= permits.len());
+        // One claimer (this loop) keeps the start order exactly the order positions promised;
+        // concurrent claimers would skip each other's locked rows and start later jobs first.
         for (claim, permit) in claimed.into_iter().zip(permits.drain(..)) {
-            let (app, stopping) = (app.clone(), stopping.clone());
-            tokio::spawn(async move {
-                // Each worker claims its own next job as soon as it finishes one, so claims run
-                // in parallel (and commit together) instead of queueing behind this loop.
-                let mut next = Some(claim);
-                while let Some(claim) = next.take() {
-                    let span = tracing::info_span!("job", job_id = %claim.job.id);
-                    if let Err(e) = run_claimed(&app, claim).instrument(span).await {
+            let app = app.clone();
+            let span = tracing::info_span!("job", job_id = %claim.job.id);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = run_claimed(&app, claim).await {
                         tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires");
                     }
-                    if stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    next = match app.pool.get().await {
-                        Ok(conn) => {
-                            jobs::claim_next(&conn, 1, app.config.job_lease, app.config.limits())
-                                .await
-                                .unwrap_or_default()
-                                .pop()
-                        }
-                        Err(_) => None,
-                    };
+                    drop(permit);
                 }
-                drop(permit);
-            });
+                .instrument(span),
+            );
         }
-    }
-}
-
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
