@@ -190,6 +190,24 @@ fn start_workers(
     (stop_tx, runner)
 }
 
+/// Enqueues `jobs` jobs through the handler from 10 concurrent producers.
+async fn enqueue_many(app: &App, jobs: i64) {
+    let taken = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let producers: Vec<_> = (0..10)
+        .map(|_| {
+            let (app, taken) = (app.clone(), taken.clone());
+            tokio::spawn(async move {
+                while taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < jobs {
+                    enqueue_via_handler(&app).await;
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+}
+
 struct Latencies(Vec<Duration>);
 
 impl Latencies {
@@ -521,21 +539,8 @@ async fn main() {
         eprintln!("drain {drain_jobs} jobs with {workers} workers...");
         let b = bench_app(&format!("drain{workers}"), workers).await;
         let app = b.app.clone();
-        // Fill the queue through the library (10 producers), before any worker runs.
-        let filled = Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let fillers: Vec<_> = (0..10)
-            .map(|_| {
-                let (app, filled) = (app.clone(), filled.clone());
-                tokio::spawn(async move {
-                    while filled.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < drain_jobs {
-                        enqueue_via_handler(&app).await;
-                    }
-                })
-            })
-            .collect();
-        for f in fillers {
-            f.await.unwrap();
-        }
+        // Fill the queue through the library, before any worker runs.
+        enqueue_many(&app, drain_jobs).await;
         let before = b.work().await;
         let started = Instant::now();
         let (stop_tx, runner) = start_workers(&app);
@@ -663,23 +668,8 @@ async fn main() {
         let mut b = bench_app("sqs", 20).await;
         b.app.queue = Dispatcher::sqs(config.clone(), queue_url.clone());
         let before = shared::queue::SQS_REQUESTS.load(std::sync::atomic::Ordering::Relaxed);
-        let (app, filled) = (
-            b.app.clone(),
-            Arc::new(std::sync::atomic::AtomicI64::new(0)),
-        );
-        let producers: Vec<_> = (0..10)
-            .map(|_| {
-                let (app, filled) = (app.clone(), filled.clone());
-                tokio::spawn(async move {
-                    while filled.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < jobs {
-                        enqueue_via_handler(&app).await;
-                    }
-                })
-            })
-            .collect();
-        for p in producers {
-            p.await.unwrap();
-        }
+        let app = b.app.clone();
+        enqueue_many(&app, jobs).await;
         let deadline = Instant::now() + Duration::from_secs(120);
         while b.count("completed").await < jobs && Instant::now() < deadline {
             shared::worker::poll_sqs_once(&app, &config, &queue_url, Duration::from_secs(1))
@@ -738,7 +728,6 @@ async fn main() {
         ));
     }
 
-    let _ = limits.job1_20;
     table.push(format!(
         "| (also measured) pgbench one-transaction job @20 | {:.0} jobs/s | |",
         limits.job1_20
