@@ -12,7 +12,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    auth, idempotency,
+    auth,
+    drive::{Drive, DriveError, Grant},
+    idempotency,
     jobs::{self, NewJob},
     model::{Identity, JobStatus, JobType, Media},
     telemetry::chain,
@@ -110,6 +112,33 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
+impl From<DriveError> for ApiError {
+    fn from(e: DriveError) -> Self {
+        match e {
+            DriveError::Revoked(_) | DriveError::Rejected { .. } | DriveError::Sealed => {
+                ApiError::Unprocessable {
+                    code: "drive_grant_rejected",
+                    message: e.to_string(),
+                }
+            }
+            DriveError::NotConnected => ApiError::bad("CONNECT_DRIVE_REQUIRED", e.to_string()),
+            DriveError::Unavailable(_) | DriveError::Pool(_) => ApiError::Unavailable(Box::new(e)),
+            DriveError::Db(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<crate::worker::WorkerError> for ApiError {
+    fn from(e: crate::worker::WorkerError) -> Self {
+        use crate::worker::WorkerError;
+        match e {
+            WorkerError::Pool(_) => ApiError::Unavailable(Box::new(e)),
+            WorkerError::Jobs(ref j) if j.is_unavailable() => ApiError::Unavailable(Box::new(e)),
+            _ => ApiError::internal(e),
+        }
+    }
+}
+
 impl From<jobs::JobsError> for ApiError {
     fn from(e: jobs::JobsError) -> Self {
         if e.is_unavailable() {
@@ -139,6 +168,10 @@ pub const ROUTES: &[&str] = &[
     "POST /api/generate/cancel/{jobId}",
     "DELETE /api/jobs/{jobId}",
     "GET /api/health",
+    "POST /api/webhooks/modelslab/{jobId}",
+    "GET /api/drive/connection",
+    "PUT /api/drive/connection",
+    "DELETE /api/drive/connection",
 ];
 
 /// Routes one request. Used as is by both HTTP functions and the local runner; API Gateway only
@@ -165,7 +198,15 @@ async fn route(app: &App, req: Request) -> Response<Body> {
         ("POST", ["api", "generate", "cancel", job_id]) | ("DELETE", ["api", "jobs", job_id]) => {
             cancel(app, &req, job_id).await
         }
+        ("POST", ["api", "webhooks", "modelslab", job_id]) => {
+            provider_callback(app, &req, job_id).await
+        }
+        ("GET", ["api", "drive", "connection"]) => drive_status(app, &req).await,
+        ("PUT", ["api", "drive", "connection"]) => drive_connect(app, &req).await,
+        ("DELETE", ["api", "drive", "connection"]) => drive_disconnect(app, &req).await,
         (_, ["api", "health"])
+        | (_, ["api", "webhooks", "modelslab", _])
+        | (_, ["api", "drive", "connection"])
         | (_, ["api", "generate", "status", _])
         | (_, ["api", "generate", "cancel", _])
         | (_, ["api", "jobs", _])
@@ -254,6 +295,13 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         limits: app.config.limits(),
     };
     let mut conn = app.pool.get().await?;
+    if app.store.is_drive() && !Drive::is_connected(&conn, &owner.user_id).await? {
+        // As in the seed: the front end sends the user through Google's consent, then retries.
+        return Err(ApiError::bad(
+            "CONNECT_DRIVE_REQUIRED",
+            "connect Google Drive first: generated media are stored there",
+        ));
+    }
     let response = match &key {
         // One statement, one commit: the common path.
         None => answer(id, jobs::insert(&conn, &new).await?),
@@ -473,15 +521,40 @@ pub struct StatusResponse {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// While the provider works on it: when the job was last checked with the provider.
+    #[serde(skip)]
+    provider_checked_at: Option<DateTime<Utc>>,
+}
+
+impl StatusResponse {
+    fn check_due(&self, every: std::time::Duration) -> bool {
+        self.provider_checked_at.is_some_and(|at| {
+            Utc::now() - at >= chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX)
+        })
+    }
 }
 
 async fn status(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>, ApiError> {
     let owner = caller(req)?;
     let id = parse_job_id(job_id)?;
     let conn = app.pool.get().await?;
-    let body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
+    let mut body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
         .await?
         .ok_or_else(job_not_found)?;
+    if body.check_due(app.config.provider.status_check_every) {
+        drop(conn);
+        // A failed check is the poller's to retry; this request still answers with the job.
+        match crate::provider::check_on_status(app, id).await {
+            Ok(Some(_)) => {
+                let conn = app.pool.get().await?;
+                body = status_body(&conn, id, &owner, app.config.max_concurrent_jobs)
+                    .await?
+                    .ok_or_else(job_not_found)?;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job_id = %id, error = %chain(&e), "provider check failed"),
+        }
+    }
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -525,11 +598,23 @@ async fn status_body(
         .iter()
         .find(|m| Some(m.id) == job.result_media_id)
         .cloned();
+    // While the provider works, progress is estimated from its eta; never below what was stored.
+    let progress = match owned.provider_wait {
+        Some(wait) => job.progress.max(crate::provider::estimate_progress(
+            wait.submitted_at,
+            wait.expected_at,
+            Utc::now(),
+        )),
+        None => job.progress,
+    };
     Ok(Some(StatusResponse {
+        provider_checked_at: owned
+            .provider_wait
+            .map(|w| w.checked_at.unwrap_or(w.submitted_at)),
         id: job.id,
         job_type: job.job_type,
         status: job.status,
-        progress: job.progress,
+        progress,
         position: owned.position,
         estimated_wait_seconds: estimated_wait(owned.position, owned.recent_run_seconds, slots),
         result,
@@ -583,4 +668,150 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
         crate::worker::nudge(app, settled).await;
     }
     Ok(json_response(StatusCode::OK, &body))
+}
+
+// ---- provider callbacks --------------------------------------------------------------------
+
+/// ModelsLab's webhook. Authenticated by the per-job token in its URL (an HMAC the service alone
+/// can make), not by a user's JWT; a repeat, or a callback for a job that moved on, changes
+/// nothing and is still answered 200 so the provider stops.
+async fn provider_callback(
+    app: &App,
+    req: &Request,
+    job_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let id = parse_job_id(job_id)?;
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    };
+    let attempt: Option<i32> = param("attempt").and_then(|a| a.parse().ok());
+    let authentic = match (attempt, param("token")) {
+        (Some(attempt), Some(token)) => {
+            crate::callbacks::verify(&app.config.provider.callback_secret, id, attempt, token)
+        }
+        _ => false,
+    };
+    let Some(attempt) = attempt.filter(|_| authentic) else {
+        tracing::warn!(job_id = %id, "provider callback with a bad token refused");
+        return Err(ApiError::Unauthorized);
+    };
+    let body: &[u8] = req.body().as_ref();
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let outcome = crate::provider::on_callback(app, id, attempt, body).await?;
+    tracing::info!(job_id = %id, attempt, ?outcome, "provider callback");
+    let outcome = match outcome {
+        Some(crate::provider::Checked::Completed) => "completed",
+        Some(crate::provider::Checked::Failed) => "failed",
+        Some(crate::provider::Checked::Pending) => "pending",
+        Some(crate::provider::Checked::Superseded) | None => "ignored",
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "received": true, "outcome": outcome }),
+    ))
+}
+
+// ---- Google Drive connection ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DriveGrantRequest {
+    refresh_token: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DriveStatus {
+    connected: bool,
+    connected_at: Option<DateTime<Utc>>,
+}
+
+fn drive(app: &App) -> Result<&Drive, ApiError> {
+    match &app.store {
+        crate::storage::MediaStore::GoogleDrive(drive) => Ok(drive),
+        _ => Err(ApiError::NotFound {
+            code: "drive_not_configured",
+            message: "this deployment stores media locally, not in Google Drive".into(),
+        }),
+    }
+}
+
+async fn drive_status(app: &App, req: &Request) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    drive(app)?;
+    let conn = app.pool.get().await?;
+    let connected_at = Drive::connected_at(&conn, &owner.user_id).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &DriveStatus {
+            connected: connected_at.is_some(),
+            connected_at,
+        },
+    ))
+}
+
+/// Stores the user's Drive grant after the front end's OAuth consent: either the refresh token
+/// it obtained or an authorization code for this service to exchange. Google is asked first, so
+/// a bad grant is refused here rather than failing the user's next job.
+async fn drive_connect(app: &App, req: &Request) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    let drive = drive(app)?;
+    let bytes: &[u8] = req.body().as_ref();
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let r: DriveGrantRequest = parse_json(bytes)?;
+    let nonempty = |v: &Option<String>| {
+        v.as_deref()
+            .is_some_and(|s| !s.trim().is_empty() && s.len() <= 4096)
+    };
+    let grant = match (&r.refresh_token, &r.code, &r.redirect_uri) {
+        (Some(_), None, None) if nonempty(&r.refresh_token) => {
+            Grant::RefreshToken(r.refresh_token.unwrap_or_default())
+        }
+        (None, Some(_), Some(_)) if nonempty(&r.code) && nonempty(&r.redirect_uri) => Grant::Code {
+            code: r.code.unwrap_or_default(),
+            redirect_uri: r.redirect_uri.unwrap_or_default(),
+        },
+        _ => {
+            return Err(ApiError::bad(
+                "invalid_request",
+                "send either refreshToken, or code with redirectUri",
+            ))
+        }
+    };
+    let conn = app.pool.get().await?;
+    let connected_at = drive.connect(&conn, &owner.user_id, grant).await?;
+    tracing::info!(user_id = %owner.user_id, "Google Drive connected");
+    Ok(json_response(
+        StatusCode::OK,
+        &DriveStatus {
+            connected: true,
+            connected_at: Some(connected_at),
+        },
+    ))
+}
+
+async fn drive_disconnect(app: &App, req: &Request) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    drive(app)?;
+    let conn = app.pool.get().await?;
+    Drive::disconnect(&conn, &owner.user_id).await?;
+    tracing::info!(user_id = %owner.user_id, "Google Drive disconnected");
+    Ok(json_response(
+        StatusCode::OK,
+        &DriveStatus {
+            connected: false,
+            connected_at: None,
+        },
+    ))
 }

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 
 use crate::{
-    config::{Config, GeneratorKind},
+    config::{Config, GeneratorKind, MediaStoreKind},
     db::{self, DbError},
-    generator::{Generator, Simulator},
+    drive::Drive,
+    generator::{Downloader, Generator, ModelsLab, Simulator},
     metrics::Metrics,
     queue::{self, Dispatcher},
-    storage::LocalMediaStore,
+    storage::{LocalMediaStore, MediaStore},
 };
 
 #[derive(Clone)]
@@ -19,7 +20,7 @@ pub struct App {
     pub pool: Pool,
     pub queue: Dispatcher,
     pub generator: Arc<dyn Generator>,
-    pub store: LocalMediaStore,
+    pub store: MediaStore,
     pub metrics: Metrics,
 }
 
@@ -34,6 +35,13 @@ impl App {
         };
         let generator: Arc<dyn Generator> = match config.generator {
             GeneratorKind::Simulator => Arc::new(Simulator::new(config.simulator_duration)),
+            GeneratorKind::ModelsLab => Arc::new(ModelsLab::new(
+                config
+                    .modelslab
+                    .clone()
+                    .expect("configuration requires ModelsLab settings with GENERATOR=modelslab"),
+                Downloader::new(config.downloads.clone()),
+            )),
         };
         Ok(Self::new(config, pool, queue, generator))
     }
@@ -44,7 +52,15 @@ impl App {
         queue: Dispatcher,
         generator: Arc<dyn Generator>,
     ) -> Self {
-        let store = LocalMediaStore::new(config.media_dir.clone(), config.public_media_url.clone());
+        let store = match &config.media_store {
+            MediaStoreKind::Local => MediaStore::Local(LocalMediaStore::new(
+                config.media_dir.clone(),
+                config.public_media_url.clone(),
+            )),
+            MediaStoreKind::GoogleDrive(drive) => {
+                MediaStore::GoogleDrive(Arc::new(Drive::new(drive.clone())))
+            }
+        };
         Self {
             config: Arc::new(config),
             pool,

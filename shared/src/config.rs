@@ -19,6 +19,66 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GeneratorKind {
     Simulator,
+    ModelsLab,
+}
+
+/// A configured secret: `{:?}` shows only that it is set, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+/// How jobs a provider finishes later are followed.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// A submitted job still unfinished after this long fails as timed out.
+    pub max_wait: Duration,
+    /// The status route asks the provider about a job at most this often.
+    pub status_check_every: Duration,
+    /// How long one poller invocation keeps checking due jobs before it returns.
+    pub poll_window: Duration,
+    /// Whether a job waiting on the provider keeps its slot (by default it frees it).
+    pub hold_slots: bool,
+    /// Where the provider's callbacks reach this service (`https://api.example.com`); without
+    /// it jobs are submitted without a webhook and the poller alone finishes them.
+    pub callback_base_url: Option<String>,
+    /// Keys the per-job callback tokens.
+    pub callback_secret: Secret,
+}
+
+/// Where media go.
+#[derive(Debug, Clone)]
+pub enum MediaStoreKind {
+    Local,
+    GoogleDrive(DriveConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct DriveConfig {
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Google's endpoints; test servers in tests.
+    pub token_url: String,
+    pub api_url: String,
+    pub upload_url: String,
+    /// The app folder created in each user's Drive.
+    pub folder_name: String,
+    /// Seals stored tokens (DRIVE_TOKEN_KEY: 32 bytes, base64).
+    pub token_key: Secret,
 }
 
 #[derive(Clone)]
@@ -41,6 +101,10 @@ pub struct Config {
     pub outbox_grace: Duration,
     /// Credits charged per job type, once, at completion.
     pub credits: Credits,
+    pub modelslab: Option<crate::generator::ModelsLabConfig>,
+    pub downloads: crate::generator::DownloadRules,
+    pub provider: ProviderSettings,
+    pub media_store: MediaStoreKind,
 }
 
 /// Credits per job type (`JOB_CREDITS=character-image=1,moodboard=4,animation=10`).
@@ -117,6 +181,10 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("outbox_grace", &self.outbox_grace)
             .field("credits", &self.credits)
+            .field("modelslab", &self.modelslab)
+            .field("downloads", &self.downloads)
+            .field("provider", &self.provider)
+            .field("media_store", &self.media_store)
             .finish()
     }
 }
@@ -139,11 +207,107 @@ impl Config {
         let generator = match lookup("GENERATOR").as_deref() {
             None => return Err(ConfigError::Missing("GENERATOR")),
             Some("simulator") => GeneratorKind::Simulator,
+            Some("modelslab") => GeneratorKind::ModelsLab,
             Some(other) => {
                 return Err(ConfigError::Invalid {
                     name: "GENERATOR",
                     value: other.to_owned(),
-                    reason: "the only generator built so far is `simulator`",
+                    reason: "expected `modelslab` or `simulator`",
+                })
+            }
+        };
+        let modelslab = match generator {
+            GeneratorKind::ModelsLab => Some(crate::generator::ModelsLabConfig {
+                api_key: Secret::new(
+                    lookup("MODELSLAB_API_KEY").ok_or(ConfigError::Missing("MODELSLAB_API_KEY"))?,
+                ),
+                base_url: lookup("MODELSLAB_BASE_URL")
+                    .unwrap_or_else(|| "https://modelslab.com".into()),
+                image_model: lookup("MODELSLAB_IMAGE_MODEL").unwrap_or_else(|| "flux".into()),
+                video_model: lookup("MODELSLAB_VIDEO_MODEL").unwrap_or_else(|| "wan2.2".into()),
+                request_timeout: Duration::from_secs(
+                    number(&lookup, "MODELSLAB_TIMEOUT_SECONDS", 30, 1..=600)?.into(),
+                ),
+            }),
+            GeneratorKind::Simulator => None,
+        };
+        let downloads = crate::generator::DownloadRules {
+            max_bytes: u64::from(number(&lookup, "DOWNLOAD_MAX_MB", 200, 1..=4096)?) * 1024 * 1024,
+            timeout: Duration::from_secs(
+                number(&lookup, "DOWNLOAD_TIMEOUT_SECONDS", 120, 1..=900)?.into(),
+            ),
+            allow_http_hosts: lookup("DOWNLOAD_ALLOW_HTTP_HOSTS")
+                .map(|raw| {
+                    raw.split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let callback_base_url =
+            lookup("CALLBACK_BASE_URL").map(|u| u.trim_end_matches('/').to_owned());
+        let callback_secret = match (lookup("CALLBACK_SECRET"), &callback_base_url) {
+            (Some(secret), _) if secret.len() >= 32 => Secret::new(secret),
+            (Some(secret), _) => {
+                return Err(ConfigError::Invalid {
+                    name: "CALLBACK_SECRET",
+                    value: format!("<{} characters>", secret.len()),
+                    reason: "must be at least 32 characters",
+                })
+            }
+            (None, Some(_)) => return Err(ConfigError::Missing("CALLBACK_SECRET")),
+            // No callbacks are sent, so no token is ever checked; still, never a guessable key.
+            (None, None) => Secret::new(crate::callbacks::random_secret()),
+        };
+        let provider = ProviderSettings {
+            max_wait: Duration::from_secs(
+                number(&lookup, "PROVIDER_MAX_WAIT_SECONDS", 900, 10..=86_400)?.into(),
+            ),
+            status_check_every: Duration::from_secs(
+                number(&lookup, "PROVIDER_STATUS_CHECK_SECONDS", 5, 1..=3600)?.into(),
+            ),
+            poll_window: Duration::from_secs(
+                number(&lookup, "POLLER_CHECK_WINDOW_SECONDS", 40, 0..=600)?.into(),
+            ),
+            hold_slots: flag(&lookup, "LONG_JOBS_HOLD_SLOTS")?,
+            callback_base_url,
+            callback_secret,
+        };
+        let media_store = match lookup("MEDIA_STORE").as_deref() {
+            None | Some("local") => MediaStoreKind::Local,
+            Some("google-drive") => MediaStoreKind::GoogleDrive(DriveConfig {
+                client_id: lookup("GOOGLE_CLIENT_ID")
+                    .ok_or(ConfigError::Missing("GOOGLE_CLIENT_ID"))?,
+                client_secret: Secret::new(
+                    lookup("GOOGLE_CLIENT_SECRET")
+                        .ok_or(ConfigError::Missing("GOOGLE_CLIENT_SECRET"))?,
+                ),
+                token_url: lookup("GOOGLE_TOKEN_URL")
+                    .unwrap_or_else(|| "https://oauth2.googleapis.com/token".into()),
+                api_url: lookup("GOOGLE_DRIVE_API_URL")
+                    .unwrap_or_else(|| "https://www.googleapis.com/drive/v3".into()),
+                upload_url: lookup("GOOGLE_DRIVE_UPLOAD_URL")
+                    .unwrap_or_else(|| "https://www.googleapis.com/upload/drive/v3".into()),
+                folder_name: lookup("DRIVE_FOLDER_NAME").unwrap_or_else(|| "AI Generations".into()),
+                token_key: {
+                    let raw =
+                        lookup("DRIVE_TOKEN_KEY").ok_or(ConfigError::Missing("DRIVE_TOKEN_KEY"))?;
+                    if crate::drive::seal_key(&raw).is_none() {
+                        return Err(ConfigError::Invalid {
+                            name: "DRIVE_TOKEN_KEY",
+                            value: "<hidden>".into(),
+                            reason: "must be 32 bytes, base64-encoded",
+                        });
+                    }
+                    Secret::new(raw)
+                },
+            }),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "MEDIA_STORE",
+                    value: other.to_owned(),
+                    reason: "expected `local` or `google-drive`",
                 })
             }
         };
@@ -179,7 +343,23 @@ impl Config {
                 Some(raw) => Credits::parse(&raw)?,
                 None => Credits::default(),
             },
+            modelslab,
+            downloads,
+            provider,
+            media_store,
         })
+    }
+}
+
+fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+    match lookup(name).as_deref().map(str::trim) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ConfigError::Invalid {
+            name,
+            value: other.to_owned(),
+            reason: "expected true or false",
+        }),
     }
 }
 
@@ -230,7 +410,7 @@ mod tests {
     fn an_unknown_generator_is_refused_rather_than_simulated() {
         let err = Config::from_lookup(lookup(&[
             ("DATABASE_URL", "postgres://x"),
-            ("GENERATOR", "modelslab"),
+            ("GENERATOR", "replicate"),
         ]))
         .unwrap_err();
         assert!(matches!(
@@ -240,6 +420,12 @@ mod tests {
                 ..
             }
         ));
+        let err = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://x"),
+            ("GENERATOR", "modelslab"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Missing("MODELSLAB_API_KEY")));
     }
 
     #[test]
@@ -310,6 +496,28 @@ mod tests {
         ]))
         .unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+        let config = Config::from_lookup(lookup(&[
+            ("DATABASE_URL", "postgres://x"),
+            ("GENERATOR", "modelslab"),
+            ("MODELSLAB_API_KEY", "ml-key-hunter3"),
+            ("CALLBACK_BASE_URL", "https://api.example.com"),
+            (
+                "CALLBACK_SECRET",
+                "callback-secret-hunter4-0123456789abcdef",
+            ),
+            ("MEDIA_STORE", "google-drive"),
+            ("GOOGLE_CLIENT_ID", "client"),
+            ("GOOGLE_CLIENT_SECRET", "google-hunter5"),
+            (
+                "DRIVE_TOKEN_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ]))
+        .unwrap();
+        let shown = format!("{config:?}");
+        for secret in ["hunter3", "hunter4", "hunter5", "AAAAAAAA"] {
+            assert!(!shown.contains(secret), "{secret} leaked into {shown}");
+        }
         assert_eq!(config.public_media_url, "http://127.0.0.1:3000/media");
     }
 }

@@ -4,14 +4,17 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod callbacks;
 pub mod config;
 pub mod db;
+pub mod drive;
 pub mod generator;
 pub mod idempotency;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod poller;
+pub mod provider;
 pub mod queue;
 pub mod storage;
 pub mod telemetry;

@@ -1,5 +1,5 @@
-//! The scheduled poller (EventBridge, every minute): rescues jobs whose worker stopped renewing
-//! its lease, re-sends messages that were never sent or were lost (the outbox), and reports how
+//! The scheduled poller (EventBridge, every minute): finishes jobs a provider works on (see
+//! `provider`), rescues jobs whose worker stopped renewing its lease, re-sends messages that were never sent or were lost (the outbox), and reports how
 //! many jobs are in each state.
 
 use std::collections::BTreeMap;
@@ -37,6 +37,8 @@ pub struct Report {
     pub rescued: u32,
     pub rescue_failed: u32,
     pub redispatched: u32,
+    /// Checks of jobs the provider is working on.
+    pub provider_checks: u32,
 }
 
 pub async fn handle_schedule(
@@ -50,6 +52,15 @@ pub async fn handle_schedule(
         // The embedded claimer reads the table itself: there are no messages to lose.
         crate::queue::Dispatcher::Embedded { .. } => 0,
         crate::queue::Dispatcher::Sqs { .. } => redispatch(app).await?,
+    };
+    // A provider outage must not stop the rescue and the outbox above from being reported.
+    let provider_checks = match crate::provider::follow(app, app.config.provider.poll_window).await
+    {
+        Ok(n) => n as u32,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "checking provider jobs failed");
+            0
+        }
     };
     let conn = app.pool.get().await?;
     let purged = crate::idempotency::purge(&conn, 1_000).await?;
@@ -65,6 +76,7 @@ pub async fn handle_schedule(
         rescued,
         rescue_failed,
         redispatched,
+        provider_checks,
     };
     app.metrics.poller_tick(&crate::metrics::PollerTick {
         active: report.jobs.get("processing").copied().unwrap_or(0),

@@ -1,11 +1,18 @@
-//! Where media go. The local folder is the development default; the runner serves it under
-//! `/media`, so a job's `publicUrl` opens in a browser.
+//! Where media go: one seam, two stores. The local folder is the development default; the
+//! runner serves it under `/media`, so a job's `publicUrl` opens in a browser. Google Drive puts
+//! each user's media in an app folder of their own Drive.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
+use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use crate::{generator::GeneratedFile, jobs::NewMedia};
+use crate::{
+    drive::{Drive, DriveError},
+    generator::GeneratedFile,
+    jobs::NewMedia,
+    model::Job,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -15,6 +22,85 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not store the media in Google Drive")]
+    Drive(#[from] DriveError),
+}
+
+impl StorageError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StorageError::Write { .. } => true,
+            StorageError::Drive(e) => e.is_retryable(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub enum MediaStore {
+    Local(LocalMediaStore),
+    GoogleDrive(Arc<Drive>),
+}
+
+impl MediaStore {
+    /// Stores one attempt's files for `job`.
+    pub async fn put(
+        &self,
+        pool: &Pool,
+        job: &Job,
+        attempt: i32,
+        files: &[GeneratedFile],
+    ) -> Result<Vec<NewMedia>, StorageError> {
+        match self {
+            MediaStore::Local(store) => store.put(job.id, attempt, files).await,
+            MediaStore::GoogleDrive(drive) => {
+                let mut stored = Vec::with_capacity(files.len());
+                for (ordinal, file) in files.iter().enumerate() {
+                    let name = format!(
+                        "{}-{}-{attempt}-{ordinal}.{}",
+                        job.job_type.as_str(),
+                        job.id,
+                        file.extension
+                    );
+                    let uploaded = match drive.upload(pool, &job.user_id, &name, file).await {
+                        Ok(uploaded) => uploaded,
+                        Err(e) => {
+                            // Leave no half-stored set behind.
+                            self.discard(pool, &job.user_id, &stored).await;
+                            return Err(e.into());
+                        }
+                    };
+                    stored.push(NewMedia {
+                        id: Uuid::now_v7(),
+                        media_type: file.kind.as_str(),
+                        mime_type: file.mime_type,
+                        storage: "google-drive",
+                        storage_key: uploaded.file_id,
+                        public_url: uploaded.link,
+                        width: file.width,
+                        height: file.height,
+                        size_bytes: file.bytes.len() as i64,
+                    });
+                }
+                Ok(stored)
+            }
+        }
+    }
+
+    /// Removes files a superseded attempt stored. Best effort: a leftover file is only clutter.
+    pub async fn discard(&self, pool: &Pool, user_id: &str, media: &[NewMedia]) {
+        match self {
+            MediaStore::Local(store) => store.discard(media).await,
+            MediaStore::GoogleDrive(drive) => {
+                for m in media {
+                    drive.delete(pool, user_id, &m.storage_key).await;
+                }
+            }
+        }
+    }
+
+    pub fn is_drive(&self) -> bool {
+        matches!(self, MediaStore::GoogleDrive(_))
+    }
 }
 
 #[derive(Debug, Clone)]

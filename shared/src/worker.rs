@@ -10,7 +10,7 @@ use tokio::{sync::Semaphore, time::Instant};
 use tracing::{field, Instrument};
 
 use crate::{
-    generator::{GenerateError, Progress},
+    generator::{Callback, GenerateError, Generation, Inputs, Progress},
     jobs::{self, ClaimResult, Claimed, JobsError},
     queue::{JobMessage, QueueError},
     storage::StorageError,
@@ -53,6 +53,8 @@ pub enum Outcome {
     },
     /// This attempt lost the job (rescued or cancelled) while it ran; what it produced is discarded.
     Superseded,
+    /// The provider accepted the job and finishes it later; checks take it from here.
+    Submitted,
 }
 
 /// Handles an SQS batch: each record has its own span and outcome, and only the records that
@@ -172,7 +174,7 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
     };
     let conn = app.pool.get().await?;
     let outcome = match generated {
-        Ok(files) if files.is_empty() => {
+        Ok(Generation::Done(files)) if files.is_empty() => {
             settle_failure(
                 app,
                 &conn,
@@ -181,16 +183,56 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
             )
             .await?
         }
-        Ok(files) => {
-            let media = app.store.put(job_id, claim.attempt(), &files).await?;
-            let credits = app.config.credits.for_type(job_type);
-            let settled =
-                jobs::complete(&conn, &claim, &media, app.generator.model(), credits).await?;
+        Ok(Generation::Done(files)) => {
+            match app
+                .store
+                .put(&app.pool, &claim.job, claim.attempt(), &files)
+                .await
+            {
+                Ok(media) => {
+                    let credits = app.config.credits.for_type(job_type);
+                    let settled =
+                        jobs::complete(&conn, &claim, &media, app.generator.model(), credits)
+                            .await?;
+                    if settled.applied() {
+                        nudge(app, settled).await;
+                        Outcome::Completed
+                    } else {
+                        app.store
+                            .discard(&app.pool, &claim.job.user_id, &media)
+                            .await;
+                        Outcome::Superseded
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%job_id, error = %chain(&e), "could not store the job's media");
+                    let message = chain(&e);
+                    let error = if e.is_retryable() {
+                        GenerateError::Retryable(message)
+                    } else {
+                        GenerateError::Fatal(message)
+                    };
+                    settle_failure(app, &conn, &claim, error).await?
+                }
+            }
+        }
+        Ok(Generation::Submitted(submission)) => {
+            let provider = &app.config.provider;
+            let followup = jobs::Followup {
+                expected_in: submission.eta.unwrap_or(Duration::from_secs(60)),
+                max_wait: provider.max_wait,
+                first_check_in: crate::provider::next_check_in(
+                    submission.eta,
+                    provider.callback_base_url.is_some(),
+                ),
+                hold_slot: provider.hold_slots,
+            };
+            let settled = jobs::submitted(&conn, &claim, &submission.external_id, followup).await?;
             if settled.applied() {
+                tracing::info!(%job_id, external_id = %submission.external_id, eta_s = ?submission.eta.map(|d| d.as_secs()), "submitted to the provider");
                 nudge(app, settled).await;
-                Outcome::Completed
+                Outcome::Submitted
             } else {
-                app.store.discard(&media).await;
                 Outcome::Superseded
             }
         }
@@ -204,6 +246,7 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
         Outcome::Completed => "JobsCompleted",
         Outcome::Failed => "JobsFailed",
         Outcome::Requeued { .. } => "JobsRetried",
+        Outcome::Submitted => "JobsSubmitted",
         _ => "JobsSuperseded",
     };
     app.metrics
@@ -276,9 +319,29 @@ pub fn backoff(attempt: i32, jitter: f64) -> Duration {
 async fn generate_with_heartbeat(
     app: &App,
     claim: &Claimed,
-) -> Option<Result<Vec<crate::generator::GeneratedFile>, GenerateError>> {
+) -> Option<Result<Generation, GenerateError>> {
+    let inputs = match resolve_inputs(app, claim).await {
+        Ok(inputs) => inputs,
+        Err(e) => return Some(Err(e)),
+    };
+    let callback = app
+        .config
+        .provider
+        .callback_base_url
+        .as_deref()
+        .map(|base| Callback {
+            url: crate::callbacks::url(
+                base,
+                &app.config.provider.callback_secret,
+                claim.job.id,
+                claim.attempt(),
+            ),
+            track_id: claim.job.id.to_string(),
+        });
     let (progress, watch) = Progress::channel();
-    let generate = app.generator.generate(&claim.job, &progress);
+    let generate = app
+        .generator
+        .generate(&claim.job, &inputs, &progress, callback.as_ref());
     tokio::pin!(generate);
     let renew_every = app.config.job_lease / 3;
     let mut last_write = Instant::now();
@@ -312,6 +375,52 @@ async fn generate_with_heartbeat(
             }
         }
     }
+}
+
+/// Resolves the media ids a job names as input to URLs the provider can fetch, for generators
+/// that use them. Only the job owner's own media count.
+async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateError> {
+    let id_of = |name: &str| {
+        claim
+            .job
+            .params
+            .get(name)
+            .and_then(|v| v.as_str())
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+    };
+    let (reference, source) = (id_of("imageReferenceId"), id_of("sourceImageId"));
+    if !app.generator.uses_inputs() || (reference.is_none() && source.is_none()) {
+        return Ok(Inputs::default());
+    }
+    let ids: Vec<uuid::Uuid> = reference.into_iter().chain(source).collect();
+    let found = async {
+        let conn = app.pool.get().await.map_err(|e| chain(&e))?;
+        jobs::input_media(&conn, &claim.job.user_id, &ids)
+            .await
+            .map_err(|e| chain(&e))
+    }
+    .await
+    .map_err(|e| {
+        GenerateError::Retryable(format!("could not look up the job's input media: {e}"))
+    })?;
+    let url_of = |id: Option<uuid::Uuid>| {
+        let id = id?;
+        found
+            .iter()
+            .find(|m| m.id == id)
+            .map(|m| match m.storage.as_str() {
+                // The provider fetches inputs itself; a Drive file is fetched by its download link.
+                "google-drive" => format!(
+                    "https://drive.google.com/uc?export=download&id={}",
+                    m.storage_key
+                ),
+                _ => m.public_url.clone(),
+            })
+    };
+    Ok(Inputs {
+        reference_image_url: url_of(reference),
+        source_image_url: url_of(source),
+    })
 }
 
 /// The embedded queue: claims the oldest queued jobs straight from the table, at most

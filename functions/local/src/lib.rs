@@ -131,7 +131,7 @@ async fn route(
 ) -> http::Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if let Some(key) = path.strip_prefix("/media/") {
-        return media(app.store.dir().to_path_buf(), key).await;
+        return media(app.config.media_dir.clone(), key).await;
     }
     if let Some(page) = board(&path) {
         return page;

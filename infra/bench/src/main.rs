@@ -14,7 +14,9 @@ use std::{
 use async_trait::async_trait;
 use shared::{
     db,
-    generator::{GenerateError, GeneratedFile, Generator, MediaKind, Progress},
+    generator::{
+        Callback, GenerateError, GeneratedFile, Generation, Generator, Inputs, MediaKind, Progress,
+    },
     model::Job,
     queue::Dispatcher,
     App, Config,
@@ -45,16 +47,22 @@ impl Generator for Noop {
         "noop"
     }
 
-    async fn generate(&self, job: &Job, _: &Progress) -> Result<Vec<GeneratedFile>, GenerateError> {
+    async fn generate(
+        &self,
+        job: &Job,
+        _: &Inputs,
+        _: &Progress,
+        _: Option<&Callback>,
+    ) -> Result<Generation, GenerateError> {
         self.started.lock().unwrap().insert(job.id, Instant::now());
-        Ok(vec![GeneratedFile {
+        Ok(Generation::Done(vec![GeneratedFile {
             kind: MediaKind::Image,
             mime_type: "image/png",
             extension: "png",
             width: Some(1),
             height: Some(1),
             bytes: vec![0u8; 16],
-        }])
+        }]))
     }
 }
 

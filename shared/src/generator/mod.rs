@@ -1,9 +1,15 @@
 //! The generator seam: one trait, one implementation per provider. Each error is marked
 //! retryable or fatal where it happens, and only that mark decides the job's next state.
 
+mod download;
+mod modelslab;
 mod simulator;
 
+pub use download::{DownloadRules, Downloader};
+pub use modelslab::{ModelsLab, ModelsLabConfig};
 pub use simulator::Simulator;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -67,15 +73,83 @@ impl Progress {
     }
 }
 
+/// What starting a job gave.
+#[derive(Debug)]
+pub enum Generation {
+    /// The media, ready to store. Must hold at least one file.
+    Done(Vec<GeneratedFile>),
+    /// The provider accepted the job and will finish it later; the job waits in `processing`
+    /// and is checked by the poller, the status route and the provider's webhook.
+    Submitted(Submission),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    /// The provider's id for the job, kept as `external_job_id`.
+    pub external_id: String,
+    /// How long the provider expects to take, when it says.
+    pub eta: Option<Duration>,
+}
+
+/// What a check of a submitted job found. A provider's failure answer is a `Fatal` error.
+#[derive(Debug)]
+pub enum Check {
+    Done(Vec<GeneratedFile>),
+    Pending { eta: Option<Duration> },
+}
+
+/// Where the provider may call back when a submitted job finishes.
+#[derive(Debug, Clone)]
+pub struct Callback {
+    /// Carries the job's unguessable token; never logged.
+    pub url: String,
+    pub track_id: String,
+}
+
 #[async_trait]
 pub trait Generator: Send + Sync {
     /// The model name recorded with the job.
     fn model(&self) -> &str;
 
-    /// Produces the job's media. Must return at least one file on success.
+    /// Starts (and, for a quick provider, finishes) the job. `inputs` are the job's resolved
+    /// input media URLs; `callback` is where a provider that finishes later may report.
     async fn generate(
         &self,
         job: &Job,
+        inputs: &Inputs,
         progress: &Progress,
-    ) -> Result<Vec<GeneratedFile>, GenerateError>;
+        callback: Option<&Callback>,
+    ) -> Result<Generation, GenerateError>;
+
+    /// Whether `generate` reads `Inputs`; others are spared the lookup.
+    fn uses_inputs(&self) -> bool {
+        false
+    }
+
+    /// Asks the provider about a job it accepted earlier.
+    async fn check(&self, _job: &Job, _external_id: &str) -> Result<Check, GenerateError> {
+        Err(GenerateError::Fatal(format!(
+            "the {} generator does not run long jobs",
+            self.model()
+        )))
+    }
+
+    /// Reads the provider's callback for a job it accepted earlier. By default it only
+    /// prompts a check, so nothing in the body has to be trusted.
+    async fn check_callback(
+        &self,
+        job: &Job,
+        external_id: &str,
+        _body: &[u8],
+    ) -> Result<Check, GenerateError> {
+        self.check(job, external_id).await
+    }
+}
+
+/// Input media a job refers to by id (a character's reference image, an animation's source
+/// image), resolved to URLs the provider can fetch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inputs {
+    pub reference_image_url: Option<String>,
+    pub source_image_url: Option<String>,
 }

@@ -9,7 +9,9 @@ use std::{io::Cursor, time::Duration};
 
 use async_trait::async_trait;
 
-use super::{GenerateError, GeneratedFile, Generator, MediaKind, Progress};
+use super::{
+    Callback, GenerateError, GeneratedFile, Generation, Generator, Inputs, MediaKind, Progress,
+};
 use crate::model::{Job, JobType};
 
 static SAMPLE_VIDEO: &[u8] = include_bytes!("../../assets/sample.webm");
@@ -37,6 +39,18 @@ impl Generator for Simulator {
     }
 
     async fn generate(
+        &self,
+        job: &Job,
+        _inputs: &Inputs,
+        progress: &Progress,
+        _callback: Option<&Callback>,
+    ) -> Result<Generation, GenerateError> {
+        self.files(job, progress).await.map(Generation::Done)
+    }
+}
+
+impl Simulator {
+    async fn files(
         &self,
         job: &Job,
         progress: &Progress,

@@ -3,6 +3,7 @@
 -- order), plus one;
 -- recent_run_seconds is the mean run time of the last 50 completed jobs of its type.
 SELECT id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at,
+       (status = 'processing' AND lease_expires_at IS NULL) AS awaiting_provider, submitted_at, provider_expected_at, checked_at,
        CASE WHEN j.status = 'queued' THEN (
            SELECT count(*) + 1 FROM generation_jobs q
            WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id)

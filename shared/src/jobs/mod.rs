@@ -116,6 +116,34 @@ pub struct OwnedJob {
     pub position: Option<i64>,
     /// While queued: the mean run time of recent completed jobs of its type.
     pub recent_run_seconds: Option<f64>,
+    /// While the provider is working on it: when it was submitted and expected back.
+    pub provider_wait: Option<ProviderWait>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderWait {
+    pub submitted_at: DateTime<Utc>,
+    pub expected_at: DateTime<Utc>,
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+/// A job the provider is working on, taken for a check.
+#[derive(Debug, Clone)]
+pub struct AwaitingJob {
+    pub job: Job,
+    pub external_id: String,
+    pub submitted_at: DateTime<Utc>,
+    pub expected_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+}
+
+/// How a submitted job is to be followed.
+#[derive(Debug, Clone, Copy)]
+pub struct Followup {
+    pub expected_in: Duration,
+    pub max_wait: Duration,
+    pub first_check_in: Duration,
+    pub hold_slot: bool,
 }
 
 pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitted, JobsError> {
@@ -471,6 +499,137 @@ pub async fn attempt_errors(
         .collect()
 }
 
+/// Records that the provider accepted the job; the attempt's lease ends here.
+pub async fn submitted(
+    db: &impl GenericClient,
+    claim: &Claimed,
+    external_id: &str,
+    followup: Followup,
+) -> Result<Settled, JobsError> {
+    let stmt = db.prepare_cached(include_str!("submitted.sql")).await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &claim.job.id,
+        &claim.attempt(),
+        &external_id,
+        &followup.expected_in.as_secs_f64(),
+        &followup.max_wait.as_secs_f64(),
+        &followup.first_check_in.as_secs_f64(),
+        &followup.hold_slot,
+        &(claim.limits.per_user as i64),
+    ];
+    let row = retrying(|| db.query_opt(&stmt, params)).await?;
+    settled(row)
+}
+
+/// Takes up to `limit` waiting jobs whose check is due, holding each for `lease`.
+pub async fn claim_due_checks(
+    db: &impl GenericClient,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<AwaitingJob>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("claim_due_checks.sql"))
+        .await?;
+    let rows = db.query(&stmt, &[&limit, &lease.as_secs_f64()]).await?;
+    rows.iter().map(awaiting_from_row).collect()
+}
+
+/// Takes one waiting job for a check, unless it was checked less than `min_interval` ago (or,
+/// with `attempt`, unless that attempt is no longer the job's current one).
+pub async fn claim_check(
+    db: &impl GenericClient,
+    id: Uuid,
+    min_interval: Duration,
+    lease: Duration,
+    attempt: Option<i32>,
+) -> Result<Option<AwaitingJob>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("claim_check.sql")).await?;
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &id,
+                &min_interval.as_secs_f64(),
+                &lease.as_secs_f64(),
+                &attempt,
+            ],
+        )
+        .await?;
+    row.as_ref().map(awaiting_from_row).transpose()
+}
+
+/// The provider is still working: records progress and its latest estimate, and when to ask
+/// again. False when the job has moved on meanwhile.
+pub async fn check_pending(
+    db: &impl GenericClient,
+    job: &AwaitingJob,
+    progress: i16,
+    expected_in: Option<Duration>,
+    next_check_in: Duration,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("check_pending.sql")).await?;
+    let expected: Option<f64> = expected_in.map(|d| d.as_secs_f64());
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &job.job.id,
+                &job.job.attempts,
+                &progress,
+                &expected,
+                &next_check_in.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// When the next waiting job is due for a check; `None` when no job waits on the provider.
+pub async fn next_check_due(db: &impl GenericClient) -> Result<Option<DateTime<Utc>>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("next_check_due.sql"))
+        .await?;
+    Ok(db.query_one(&stmt, &[]).await?.try_get("due")?)
+}
+
+/// An input image the owner may use: where it is stored and the URL it is served at.
+#[derive(Debug, Clone)]
+pub struct InputMedia {
+    pub id: Uuid,
+    pub storage: String,
+    pub storage_key: String,
+    pub public_url: String,
+}
+
+pub async fn input_media(
+    db: &impl GenericClient,
+    user_id: &str,
+    ids: &[Uuid],
+) -> Result<Vec<InputMedia>, JobsError> {
+    let stmt = db.prepare_cached(include_str!("input_media.sql")).await?;
+    let rows = db.query(&stmt, &[&ids, &user_id]).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(InputMedia {
+                id: r.try_get("id")?,
+                storage: r.try_get("storage")?,
+                storage_key: r.try_get("storage_key")?,
+                public_url: r.try_get("public_url")?,
+            })
+        })
+        .collect()
+}
+
+fn awaiting_from_row(row: &Row) -> Result<AwaitingJob, JobsError> {
+    Ok(AwaitingJob {
+        job: job_from_row(row)?,
+        external_id: row.try_get("external_job_id")?,
+        submitted_at: row.try_get("submitted_at")?,
+        expected_at: row.try_get("provider_expected_at")?,
+        deadline: row.try_get("provider_deadline")?,
+    })
+}
+
 pub async fn get_for_owner(
     db: &impl GenericClient,
     id: Uuid,
@@ -487,6 +646,21 @@ pub async fn get_for_owner(
         job: job_from_row(&row)?,
         position: row.try_get("position")?,
         recent_run_seconds: row.try_get("recent_run_seconds")?,
+        provider_wait: if row.try_get("awaiting_provider")? {
+            match (
+                row.try_get::<_, Option<DateTime<Utc>>>("submitted_at")?,
+                row.try_get::<_, Option<DateTime<Utc>>>("provider_expected_at")?,
+            ) {
+                (Some(submitted_at), Some(expected_at)) => Some(ProviderWait {
+                    submitted_at,
+                    expected_at,
+                    checked_at: row.try_get("checked_at")?,
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        },
     }))
 }
 

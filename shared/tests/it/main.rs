@@ -4,6 +4,7 @@ mod api;
 mod fixtures;
 mod idempotency;
 mod metrics;
+mod provider;
 mod queue;
 mod reliability;
 mod repository;

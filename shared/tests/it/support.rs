@@ -17,7 +17,7 @@ use lambda_http::{aws_lambda_events::sqs::SqsMessage, Body, Request, RequestExt}
 pub use shared::jobs::ClaimResult;
 use shared::{
     db,
-    generator::{GenerateError, GeneratedFile, Generator, Progress, Simulator},
+    generator::{Callback, GenerateError, Generation, Generator, Inputs, Progress, Simulator},
     model::{Identity, Job},
     queue::Dispatcher,
     App, Config,
@@ -146,13 +146,15 @@ impl Generator for CountingGenerator {
     async fn generate(
         &self,
         job: &Job,
+        inputs: &Inputs,
         progress: &Progress,
-    ) -> Result<Vec<GeneratedFile>, GenerateError> {
+        callback: Option<&Callback>,
+    ) -> Result<Generation, GenerateError> {
         *self.calls.lock().unwrap().entry(job.id).or_default() += 1;
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.hold).await;
-        let result = self.inner.generate(job, progress).await;
+        let result = self.inner.generate(job, inputs, progress, callback).await;
         self.running.fetch_sub(1, Ordering::SeqCst);
         result
     }

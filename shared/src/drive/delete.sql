@@ -1,0 +1,1 @@
+DELETE FROM drive_connections WHERE user_id = $1

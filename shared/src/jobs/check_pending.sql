@@ -1,0 +1,9 @@
+-- The provider is still working: keep the progress shown so far (it never goes down), take its
+-- new estimate, and set when to ask again.
+UPDATE generation_jobs
+SET progress = GREATEST(progress, $3),
+    provider_expected_at = COALESCE(now() + make_interval(secs => $4), provider_expected_at),
+    next_check_at = LEAST(now() + make_interval(secs => $5), provider_deadline),
+    updated_at = now()
+WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at IS NULL
+RETURNING progress

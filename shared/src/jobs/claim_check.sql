@@ -1,0 +1,12 @@
+-- Takes one waiting job for a check outside the poller (a status request, a provider callback),
+-- only if nobody asked the provider about it in the last $2 seconds and, for a callback, only
+-- for the attempt ($4) it names.
+UPDATE generation_jobs j
+SET next_check_at = now() + make_interval(secs => $3), checked_at = now()
+WHERE id = $1 AND status = 'processing' AND lease_expires_at IS NULL
+  AND checked_at <= now() - make_interval(secs => $2)
+  AND ($4::int4 IS NULL OR attempts = $4)
+RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress,
+          j.result_media_id, j.error_message, j.attempts, j.max_attempts, j.created_at,
+          j.started_at, j.completed_at, j.external_job_id, j.submitted_at,
+          j.provider_expected_at, j.provider_deadline

@@ -1,0 +1,806 @@
+//! ModelsLab, through real HTTP against a wiremock server that answers as docs.modelslab.com
+//! documents: immediate results, long jobs finished by the poller or a callback, and every
+//! failure class. The worker, the poller and the API run against a real Postgres.
+
+use std::{sync::Arc, time::Duration};
+
+use serde_json::{json, Value};
+use shared::{
+    generator::{Downloader, ModelsLab},
+    model::{Identity, JobType},
+    queue::Dispatcher,
+    worker::{run_claimed, Outcome},
+};
+use uuid::Uuid;
+use wiremock::{
+    matchers::{body_partial_json, method, path, path_regex},
+    Mock, MockServer, Request, ResponseTemplate,
+};
+
+use crate::support::*;
+
+const KEY: &str = "ml-test-key-0123456789";
+
+/// A tiny valid PNG, as the provider's CDN would serve it.
+const PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0x0d, 0x49, 0x48, 0x44, 0x52, 0, 0, 0,
+    1, 0, 0, 0, 1, 8, 2, 0, 0, 0, 0x90, 0x77, 0x53, 0xde,
+];
+const MP4: &[u8] = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isomfake-video-bytes";
+
+pub struct Provider {
+    pub t: TestApp,
+    pub ml: MockServer,
+}
+
+impl Provider {
+    pub async fn start(overrides: &[(&str, &str)]) -> Self {
+        let ml = MockServer::start().await;
+        let host = ml.address().to_string();
+        let uri = ml.uri();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("GENERATOR", "modelslab"),
+            ("MODELSLAB_API_KEY", KEY),
+            ("MODELSLAB_BASE_URL", &uri),
+            ("DOWNLOAD_ALLOW_HTTP_HOSTS", &host),
+            ("POLLER_CHECK_WINDOW_SECONDS", "0"),
+        ];
+        all.extend_from_slice(overrides);
+        let mut t = TestApp::configured(|_| Dispatcher::embedded(), Duration::ZERO, &all).await;
+        t.app.generator = Arc::new(ModelsLab::new(
+            t.app
+                .config
+                .modelslab
+                .clone()
+                .expect("modelslab configured"),
+            Downloader::new(t.app.config.downloads.clone()),
+        ));
+        Self { t, ml }
+    }
+
+    /// Serves a file at `/cdn/{name}` the way a CDN does.
+    async fn serve(&self, name: &str, content_type: &str, bytes: &[u8]) -> String {
+        Mock::given(method("GET"))
+            .and(path(format!("/cdn/{name}")))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(bytes.to_vec(), content_type))
+            .mount(&self.ml)
+            .await;
+        format!("{}/cdn/{name}", self.ml.uri())
+    }
+
+    async fn answer(&self, route: &str, status: u16, body: Value) {
+        Mock::given(method("POST"))
+            .and(path(route))
+            .respond_with(ResponseTemplate::new(status).set_body_json(body))
+            .mount(&self.ml)
+            .await;
+    }
+
+    async fn job(&self, owner: &Identity, job_type: JobType, params: Value) -> Uuid {
+        let id = Uuid::now_v7();
+        let conn = self.t.db.pool.get().await.unwrap();
+        shared::jobs::insert(
+            &conn,
+            &shared::jobs::NewJob {
+                id,
+                owner,
+                job_type,
+                entity_id: Uuid::new_v4(),
+                params: &params,
+                max_attempts: 3,
+                limits: self.t.app.config.limits(),
+            },
+        )
+        .await
+        .unwrap();
+        id
+    }
+
+    /// A source image the owner generated earlier, for an animation.
+    async fn source_image(&self, owner: &Identity) -> Uuid {
+        let earlier = self
+            .job(owner, JobType::CharacterImage, json!({ "prompt": "hero" }))
+            .await;
+        let media = Uuid::now_v7();
+        let conn = self.t.db.pool.get().await.unwrap();
+        conn.execute(
+            "INSERT INTO generated_media (id, job_id, user_id, tenant_id, ordinal, media_type, mime_type, \
+             storage, storage_key, public_url, size_bytes) \
+             VALUES ($1, $2, $3, $4, 0, 'image', 'image/png', 'local', 'k', 'https://media.example/hero.png', 10)",
+            &[&media, &earlier, &owner.user_id, &owner.tenant_id],
+        )
+        .await
+        .unwrap();
+        media
+    }
+
+    async fn animation(&self, owner: &Identity) -> Uuid {
+        let source = self.source_image(owner).await;
+        self.job(
+            owner,
+            JobType::Animation,
+            json!({ "sourceImageId": source, "prompt": "the hero waves" }),
+        )
+        .await
+    }
+
+    async fn run(&self, id: Uuid) -> Outcome {
+        run_claimed(&self.t.app, claim(&self.t, id).await)
+            .await
+            .unwrap()
+    }
+
+    async fn row(&self, id: Uuid) -> tokio_postgres::Row {
+        let conn = self.t.db.pool.get().await.unwrap();
+        conn.query_one(
+            "SELECT status::text AS status, error_message, external_job_id, lease_expires_at, \
+                    progress, attempts, next_check_at, \
+                    (SELECT count(*) FROM generated_media m WHERE m.job_id = j.id) AS media, \
+                    (SELECT count(*) FROM job_slots s WHERE s.job_id = j.id) AS slots \
+             FROM generation_jobs j WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Makes a waiting job's next check due now, as time passing would.
+    async fn make_due(&self, id: Uuid) {
+        let conn = self.t.db.pool.get().await.unwrap();
+        conn.execute(
+            "UPDATE generation_jobs SET next_check_at = now(), checked_at = now() - interval '1 hour' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn poller_tick(&self) -> shared::poller::Report {
+        let event = serde_json::from_str(include_str!("../../../events/poller-schedule.json"))
+            .expect("fixture");
+        shared::poller::handle_schedule(&self.t.app, event)
+            .await
+            .unwrap()
+    }
+
+    async fn requests_to(&self, route: &str) -> Vec<Request> {
+        self.ml
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.url.path() == route)
+            .collect()
+    }
+
+    async fn requests_matching(&self, prefix: &str) -> usize {
+        self.ml
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.url.path().starts_with(prefix))
+            .count()
+    }
+}
+
+fn alice() -> Identity {
+    user("alice", Some("tenant-x"))
+}
+
+fn processing(id: Value, eta: u64) -> Value {
+    json!({
+        "status": "processing", "tip": "Your image is processing in background",
+        "eta": eta, "messege": "Try to fetch request after seconds estimated",
+        "fetch_result": "https://modelslab.com/api/v6/video/fetch/1", "id": id, "output": [],
+        "future_links": ["https://pub.r2.dev/generations/1.mp4"], "meta": {}
+    })
+}
+
+fn success(output: &[String]) -> Value {
+    json!({
+        "status": "success", "generationTime": 1.4, "id": 42, "output": output,
+        "proxy_links": output, "meta": { "prompt": "x" }, "nsfw_content_detected": false,
+        "webhook_status": "", "tip": ""
+    })
+}
+
+#[tokio::test]
+async fn an_immediate_success_is_downloaded_stored_and_completes_the_job() {
+    let p = Provider::start(&[]).await;
+    let url = p.serve("a.png", "image/png", PNG).await;
+    p.answer("/api/v6/images/text2img", 200, success(&[url]))
+        .await;
+    let id = p
+        .job(
+            &alice(),
+            JobType::CharacterImage,
+            json!({ "prompt": "a knight" }),
+        )
+        .await;
+
+    assert_eq!(p.run(id).await, Outcome::Completed);
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i64>("media"), 1);
+    let sent = p.requests_to("/api/v6/images/text2img").await;
+    let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(body["key"], KEY);
+    assert_eq!(body["prompt"], "a knight");
+    assert_eq!(body["samples"], 1);
+    let stored = std::fs::read_dir(p.t.media.path().join(id.to_string()))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::fs::read(stored.path()).unwrap(), PNG);
+}
+
+#[tokio::test]
+async fn a_character_with_a_reference_image_goes_to_img2img_with_it() {
+    let p = Provider::start(&[]).await;
+    let url = p.serve("a.png", "image/png", PNG).await;
+    p.answer("/api/v6/images/img2img", 200, success(&[url]))
+        .await;
+    let reference = p.source_image(&alice()).await;
+    let id = p
+        .job(
+            &alice(),
+            JobType::CharacterImage,
+            json!({ "prompt": "same hero, new pose", "imageReferenceId": reference }),
+        )
+        .await;
+
+    assert_eq!(p.run(id).await, Outcome::Completed);
+    let sent = p.requests_to("/api/v6/images/img2img").await;
+    let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(body["init_image"], "https://media.example/hero.png");
+}
+
+#[tokio::test]
+async fn another_users_image_is_never_sent_as_an_input() {
+    let p = Provider::start(&[]).await;
+    let bobs = p.source_image(&user("bob", Some("tenant-y"))).await;
+    let id = p
+        .job(
+            &alice(),
+            JobType::Animation,
+            json!({ "sourceImageId": bobs, "prompt": "wave" }),
+        )
+        .await;
+
+    assert_eq!(p.run(id).await, Outcome::Failed);
+    let row = p.row(id).await;
+    assert!(row
+        .get::<_, String>("error_message")
+        .contains("source image"));
+    assert_eq!(p.requests_matching("/api/v6/").await, 0);
+}
+
+#[tokio::test]
+async fn a_moodboard_asks_for_several_samples_and_keeps_each_image() {
+    let p = Provider::start(&[]).await;
+    let urls = vec![
+        p.serve("m0.png", "image/png", PNG).await,
+        p.serve("m1.png", "image/png", PNG).await,
+        p.serve("m2.png", "image/png", PNG).await,
+    ];
+    p.answer("/api/v6/images/text2img", 200, success(&urls))
+        .await;
+    let id = p
+        .job(
+            &alice(),
+            JobType::Moodboard,
+            json!({ "prompt": "dusk", "count": 3 }),
+        )
+        .await;
+
+    assert_eq!(p.run(id).await, Outcome::Completed);
+    assert_eq!(p.row(id).await.get::<_, i64>("media"), 3);
+    let sent = p.requests_to("/api/v6/images/text2img").await;
+    let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(body["samples"], 3);
+}
+
+#[tokio::test]
+async fn a_processing_video_frees_its_worker_and_slot_and_the_poller_completes_it() {
+    let p = Provider::start(&[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(4242), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "processing");
+    assert_eq!(
+        row.get::<_, Option<String>>("external_job_id").as_deref(),
+        Some("4242")
+    );
+    assert!(row
+        .get::<_, Option<chrono::DateTime<chrono::Utc>>>("lease_expires_at")
+        .is_none());
+    assert_eq!(row.get::<_, i64>("slots"), 0, "a waiting job holds no slot");
+    let sent = p.requests_to("/api/v6/video/img2video").await;
+    let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(body["init_image"], "https://media.example/hero.png");
+
+    // Not due yet: a tick leaves it alone.
+    assert_eq!(p.poller_tick().await.provider_checks, 0);
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer("/api/v6/video/fetch/4242", 200, success(&[video]))
+        .await;
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i16>("progress"), 100);
+    assert_eq!(row.get::<_, i64>("media"), 1);
+    let fetch = p.requests_to("/api/v6/video/fetch/4242").await;
+    let body: Value = serde_json::from_slice(&fetch[0].body).unwrap();
+    assert_eq!(body["key"], KEY);
+}
+
+#[tokio::test]
+async fn a_long_job_can_be_configured_to_keep_its_slot_until_it_finishes() {
+    let p = Provider::start(&[("LONG_JOBS_HOLD_SLOTS", "true")]).await;
+    p.answer(
+        "/api/v6/video/img2video",
+        200,
+        processing(json!("abc-1"), 30),
+    )
+    .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    assert_eq!(p.row(id).await.get::<_, i64>("slots"), 1);
+
+    p.answer(
+        "/api/v6/video/fetch/abc-1",
+        200,
+        json!({ "status": "error", "message": "Processing failed: Invalid input dimensions" }),
+    )
+    .await;
+    p.make_due(id).await;
+    p.poller_tick().await;
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert_eq!(row.get::<_, i64>("slots"), 0, "finishing frees the slot");
+}
+
+#[tokio::test]
+async fn a_provider_error_while_processing_fails_the_job_with_its_message() {
+    let p = Provider::start(&[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(7), 30))
+        .await;
+    p.answer(
+        "/api/v6/video/fetch/7",
+        200,
+        json!({ "status": "error", "message": "Processing failed: Invalid input dimensions" }),
+    )
+    .await;
+    let id = p.animation(&alice()).await;
+    p.run(id).await;
+    p.make_due(id).await;
+    p.poller_tick().await;
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert!(row
+        .get::<_, String>("error_message")
+        .contains("Processing failed: Invalid input dimensions"));
+    assert_eq!(
+        row.get::<_, i32>("attempts"),
+        1,
+        "a provider error is not retried"
+    );
+}
+
+#[tokio::test]
+async fn a_job_still_processing_past_the_maximum_wait_fails_as_timed_out() {
+    let p = Provider::start(&[("PROVIDER_MAX_WAIT_SECONDS", "600")]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(8), 30))
+        .await;
+    p.answer("/api/v6/video/fetch/8", 200, processing(json!(8), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    p.run(id).await;
+    {
+        let conn = p.t.db.pool.get().await.unwrap();
+        let deadline: chrono::DateTime<chrono::Utc> = conn
+            .query_one(
+                "SELECT provider_deadline - submitted_at AS d, provider_deadline FROM generation_jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get("provider_deadline");
+        assert!(deadline > chrono::Utc::now() + chrono::Duration::seconds(590));
+        // Ten minutes pass.
+        conn.execute(
+            "UPDATE generation_jobs SET provider_deadline = now() - interval '1 second', \
+             next_check_at = now() WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    p.poller_tick().await;
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert!(row.get::<_, String>("error_message").contains("timed out"));
+}
+
+#[tokio::test]
+async fn a_pending_check_raises_progress_and_schedules_the_next_one() {
+    let p = Provider::start(&[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(9), 2))
+        .await;
+    p.answer("/api/v6/video/fetch/9", 200, processing(json!(9), 20))
+        .await;
+    let id = p.animation(&alice()).await;
+    p.run(id).await;
+    // Long past the first estimate of 2 s.
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET submitted_at = now() - interval '10 seconds', \
+         provider_expected_at = now() - interval '8 seconds', next_check_at = now(), \
+         started_at = created_at WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    p.poller_tick().await;
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "processing");
+    let progress: i16 = row.get("progress");
+    assert!((90..100).contains(&progress), "progress {progress}");
+    let next: chrono::DateTime<chrono::Utc> = row.get("next_check_at");
+    assert!(next > chrono::Utc::now() + chrono::Duration::seconds(10));
+}
+
+#[tokio::test]
+async fn rate_limiting_is_retried_and_the_retry_succeeds() {
+    let p = Provider::start(&[]).await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/images/text2img"))
+        .respond_with(ResponseTemplate::new(429).set_body_json(json!({
+            "status": "error", "message": "Rate limit exceeded. Maximum 5 queued requests allowed.", "retry_after": 30
+        })))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&p.ml)
+        .await;
+    let url = p.serve("a.png", "image/png", PNG).await;
+    p.answer("/api/v6/images/text2img", 200, success(&[url]))
+        .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+
+    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET run_after = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.run(id).await, Outcome::Completed);
+    let errors = conn
+        .query(
+            "SELECT retryable, message FROM job_errors WHERE job_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].get::<_, bool>("retryable"));
+    assert!(errors[0]
+        .get::<_, String>("message")
+        .contains("Rate limit exceeded"));
+}
+
+async fn first_attempt_error(p: &Provider, id: Uuid) -> (bool, String) {
+    let conn = p.t.db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT retryable, message FROM job_errors WHERE job_id = $1 AND attempt = 1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get("retryable"), row.get("message"))
+}
+
+#[tokio::test]
+async fn a_server_error_is_retryable() {
+    let p = Provider::start(&[]).await;
+    p.answer(
+        "/api/v6/images/text2img",
+        500,
+        json!({ "status": "error", "message": "Internal server error. Please try again." }),
+    )
+    .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
+    let (retryable, message) = first_attempt_error(&p, id).await;
+    assert!(retryable);
+    assert!(message.contains("HTTP 500"), "{message}");
+}
+
+#[tokio::test]
+async fn a_provider_that_does_not_answer_in_time_is_retryable() {
+    let p = Provider::start(&[("MODELSLAB_TIMEOUT_SECONDS", "1")]).await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/images/text2img"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(success(&["https://x/a.png".into()]))
+                .set_delay(Duration::from_secs(5)),
+        )
+        .mount(&p.ml)
+        .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
+    let (retryable, message) = first_attempt_error(&p, id).await;
+    assert!(retryable);
+    assert!(message.contains("timed out"), "{message}");
+}
+
+#[tokio::test]
+async fn a_malformed_answer_is_retryable() {
+    let p = Provider::start(&[]).await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/images/text2img"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_raw("{\"status\": \"succ", "application/json"),
+        )
+        .mount(&p.ml)
+        .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
+    let (retryable, message) = first_attempt_error(&p, id).await;
+    assert!(retryable);
+    assert!(message.contains("not its JSON"), "{message}");
+}
+
+#[tokio::test]
+async fn an_invalid_key_fails_the_job_at_once_with_the_providers_message() {
+    let p = Provider::start(&[]).await;
+    p.answer(
+        "/api/v6/images/text2img",
+        401,
+        json!({ "status": "error", "message": "Invalid API key" }),
+    )
+    .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert_eq!(p.run(id).await, Outcome::Failed);
+    let row = p.row(id).await;
+    assert!(row
+        .get::<_, String>("error_message")
+        .contains("Invalid API key"));
+    assert!(!row.get::<_, String>("error_message").contains(KEY));
+}
+
+#[tokio::test]
+async fn a_validation_error_fails_the_job_with_the_providers_message() {
+    let p = Provider::start(&[]).await;
+    p.answer(
+        "/api/v6/images/text2img",
+        400,
+        json!({ "status": "error", "message": "width must be between 256 and 1024" }),
+    )
+    .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert_eq!(p.run(id).await, Outcome::Failed);
+    assert!(p
+        .row(id)
+        .await
+        .get::<_, String>("error_message")
+        .contains("width must be between 256 and 1024"));
+}
+
+#[tokio::test]
+async fn an_nsfw_flag_fails_the_job_and_nothing_is_downloaded() {
+    let p = Provider::start(&[]).await;
+    let url = p.serve("blank.png", "image/png", PNG).await;
+    let mut answer = success(&[url]);
+    answer["nsfw_content_detected"] = json!(true);
+    p.answer("/api/v6/images/text2img", 200, answer).await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert_eq!(p.run(id).await, Outcome::Failed);
+    assert!(p
+        .row(id)
+        .await
+        .get::<_, String>("error_message")
+        .contains("NSFW"));
+    assert_eq!(p.requests_matching("/cdn/").await, 0);
+    assert_eq!(p.row(id).await.get::<_, i64>("media"), 0);
+}
+
+#[tokio::test]
+async fn downloads_that_break_a_rule_fail_the_job_and_store_nothing() {
+    // Plain http to a host not configured for tests; then too big; then not an image.
+    let p = Provider::start(&[("DOWNLOAD_MAX_MB", "1")]).await;
+    let big = p
+        .serve("big.png", "image/png", &vec![7u8; 1024 * 1024 + 1])
+        .await;
+    let html = p.serve("page.png", "text/html", b"<html>").await;
+    for (url, expected) in [
+        ("http://cdn.example.com/a.png".to_string(), "only https"),
+        (big, "byte limit"),
+        (html, "content type"),
+    ] {
+        p.ml.reset().await;
+        p.serve("big.png", "image/png", &vec![7u8; 1024 * 1024 + 1])
+            .await;
+        p.serve("page.png", "text/html", b"<html>").await;
+        p.answer("/api/v6/images/text2img", 200, success(&[url.clone()]))
+            .await;
+        let id = p
+            .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+            .await;
+        assert_eq!(p.run(id).await, Outcome::Failed, "{url}");
+        let row = p.row(id).await;
+        let message: String = row.get("error_message");
+        assert!(message.contains(expected), "{url}: {message}");
+        assert_eq!(row.get::<_, i64>("media"), 0);
+    }
+}
+
+/// The webhook URL the provider was given for the job, as it was sent.
+async fn webhook_of(p: &Provider, route: &str) -> (String, Value) {
+    let sent = p.requests_to(route).await;
+    let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+    (body["webhook"].as_str().unwrap().to_owned(), body)
+}
+
+fn callback_request(url: &str, body: &Value) -> lambda_http::Request {
+    let parsed = reqwest::Url::parse(url).unwrap();
+    let mut req = api_request("POST", parsed.path(), None, Some(&body.to_string()));
+    *req.uri_mut() = format!("{}?{}", parsed.path(), parsed.query().unwrap_or(""))
+        .parse()
+        .unwrap();
+    req
+}
+
+#[tokio::test]
+async fn a_callback_completes_the_job_and_forged_or_repeated_ones_change_nothing() {
+    let p = Provider::start(&[
+        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+    ])
+    .await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(77), 40))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let (webhook, sent) = webhook_of(&p, "/api/v6/video/img2video").await;
+    assert_eq!(sent["track_id"], id.to_string());
+    assert!(webhook.starts_with(&format!(
+        "https://jobs.example.com/api/webhooks/modelslab/{id}?attempt=1&token="
+    )));
+
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    let mut done = success(&[video]);
+    done["track_id"] = json!(id.to_string());
+
+    // Forged: the job id alone, a wrong token, a token for another attempt.
+    let forged = [
+        format!("https://jobs.example.com/api/webhooks/modelslab/{id}"),
+        format!("https://jobs.example.com/api/webhooks/modelslab/{id}?attempt=1&token=AAAA"),
+        webhook.replace("attempt=1", "attempt=2"),
+    ];
+    for url in &forged {
+        let (status, body) = call(&p.t.app, callback_request(url, &done)).await;
+        assert_eq!(status, 401, "{url}: {body}");
+    }
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
+
+    let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("completed")));
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
+
+    // The provider may deliver again: same answer code, nothing changes.
+    let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    assert_eq!(p.row(id).await.get::<_, i64>("media"), 1);
+    assert_eq!(p.requests_matching("/cdn/").await, 1, "downloaded once");
+    assert_eq!(
+        p.requests_matching("/api/v6/video/fetch").await,
+        0,
+        "no polling needed"
+    );
+}
+
+#[tokio::test]
+async fn a_failure_callback_fails_the_job_with_the_providers_message() {
+    let p = Provider::start(&[
+        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+    ])
+    .await;
+    p.answer(
+        "/api/v6/video/img2video",
+        200,
+        processing(json!("abc123-def456"), 40),
+    )
+    .await;
+    let id = p.animation(&alice()).await;
+    p.run(id).await;
+    let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
+    let failed = json!({ "status": "failed", "id": "abc123-def456",
+        "message": "Processing failed: Invalid input dimensions", "track_id": id.to_string() });
+    let (status, _) = call(&p.t.app, callback_request(&webhook, &failed)).await;
+    assert_eq!(status, 200);
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    assert!(row
+        .get::<_, String>("error_message")
+        .contains("Invalid input dimensions"));
+}
+
+#[tokio::test]
+async fn a_page_polling_every_100ms_for_10s_makes_only_a_handful_of_provider_checks() {
+    let p = Provider::start(&[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(55), 60))
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/api/v6/video/fetch/55$"))
+        .and(body_partial_json(json!({ "key": KEY })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(processing(json!(55), 60)))
+        .mount(&p.ml)
+        .await;
+    let owner = alice();
+    let id = p.animation(&owner).await;
+    p.run(id).await;
+
+    let started = std::time::Instant::now();
+    let mut polls = 0;
+    let mut last_progress = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        let (status, body) = call(
+            &p.t.app,
+            api_request(
+                "GET",
+                &format!("/api/generate/status/{id}"),
+                Some(&owner),
+                None,
+            ),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["status"], "processing");
+        let progress = body["progress"].as_i64().unwrap();
+        assert!(
+            progress >= last_progress,
+            "progress went from {last_progress} to {progress}"
+        );
+        assert!(progress < 100);
+        last_progress = progress;
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fetches = p.requests_matching("/api/v6/video/fetch/").await;
+    assert!(polls >= 50, "only {polls} polls");
+    // One check per 5 s at most: the status route did check, and no more than that.
+    assert!(
+        (1..=3).contains(&fetches),
+        "{fetches} fetches for {polls} polls"
+    );
+}
