@@ -496,6 +496,7 @@ mod tests {
         ]))
         .unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(config.public_media_url, "http://127.0.0.1:3000/media");
         let config = Config::from_lookup(lookup(&[
             ("DATABASE_URL", "postgres://x"),
             ("GENERATOR", "modelslab"),
@@ -518,6 +519,5 @@ mod tests {
         for secret in ["hunter3", "hunter4", "hunter5", "AAAAAAAA"] {
             assert!(!shown.contains(secret), "{secret} leaked into {shown}");
         }
-        assert_eq!(config.public_media_url, "http://127.0.0.1:3000/media");
     }
 }

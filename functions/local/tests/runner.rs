@@ -16,6 +16,14 @@ struct Runner {
 }
 
 async fn start_runner() -> Runner {
+    start_runner_with(&[], Duration::from_secs(60)).await
+}
+
+async fn start_runner_with(extra: &[(&str, &str)], poll_every: Duration) -> Runner {
+    let extra: std::collections::HashMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let db_name = format!("mj_test_{}", Uuid::new_v4().simple());
     let media = std::env::temp_dir().join(&db_name);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -23,6 +31,7 @@ async fn start_runner() -> Runner {
     let url = format!("postgres://postgres@127.0.0.1:5432/{db_name}");
     let media_dir = media.to_string_lossy().into_owned();
     let config = shared::Config::from_lookup(|name| match name {
+        _ if extra.contains_key(name) => extra.get(name).cloned(),
         "DATABASE_URL" => Some(url.clone()),
         "GENERATOR" => Some("simulator".into()),
         "SIMULATOR_DURATION_MS" => Some("300".into()),
@@ -38,7 +47,7 @@ async fn start_runner() -> Runner {
     db::migrate(&app.pool).await.unwrap();
     let verifier = Arc::new(LocalVerifier::new(b"test-secret").unwrap());
     let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
-    let running = local::start(app, verifier.clone(), listener, Duration::from_secs(60)).unwrap();
+    let running = local::start(app, verifier.clone(), listener, poll_every).unwrap();
     Runner {
         base: format!("http://127.0.0.1:{port}"),
         token,
@@ -216,5 +225,182 @@ async fn the_runner_refuses_missing_forged_and_expired_tokens_and_hides_other_us
         .await
         .unwrap();
     assert_eq!(traversal.status(), 404);
+    r.stop().await;
+}
+
+/// ModelsLab as a test server: a character image comes back at once, the animation made from it
+/// is accepted as processing and is ready at the second fetch.
+async fn modelslab() -> wiremock::MockServer {
+    use wiremock::{
+        matchers::{method, path},
+        Mock, MockServer, ResponseTemplate,
+    };
+    let ml = MockServer::start().await;
+    let cdn = |name: &str| format!("{}/cdn/{name}", ml.uri());
+    let png = b"\x89PNG\r\n\x1a\n-not-decoded-by-anyone".to_vec();
+    let mp4 = b"\x00\x00\x00\x18ftypmp42-a-short-video".to_vec();
+    for (name, bytes, mime) in [("c.png", png, "image/png"), ("v.mp4", mp4, "video/mp4")] {
+        Mock::given(method("GET"))
+            .and(path(format!("/cdn/{name}")))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(bytes, mime))
+            .mount(&ml)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/api/v6/images/text2img"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "status": "success", "id": 1, "output": [cdn("c.png")], "nsfw_content_detected": false
+        })))
+        .mount(&ml)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/video/img2video"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "status": "processing", "id": 4321, "eta": 1, "output": [],
+            "fetch_result": format!("{}/api/v6/video/fetch/4321", ml.uri()),
+            "future_links": [cdn("v.mp4")]
+        })))
+        .mount(&ml)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/video/fetch/4321"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "status": "processing", "id": 4321, "eta": 1, "output": []
+        })))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&ml)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v6/video/fetch/4321"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "status": "success", "id": 4321, "output": [cdn("v.mp4")]
+        })))
+        .mount(&ml)
+        .await;
+    ml
+}
+
+async fn wait_for(
+    http: &reqwest::Client,
+    r: &Runner,
+    job_id: &str,
+    until: &[&str],
+    seen: &mut Vec<String>,
+) -> Value {
+    // The bound is generous and only stops a broken run.
+    for _ in 0..300 {
+        let status: Value = http
+            .get(format!("{}/api/generate/status/{job_id}", r.base))
+            .bearer_auth(&r.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let state = status["status"].as_str().unwrap().to_owned();
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        if until.contains(&state.as_str()) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {job_id} never reached {until:?}; states seen: {seen:?}");
+}
+
+#[tokio::test]
+async fn an_animation_waits_on_modelslab_and_the_poller_completes_it_with_its_video_served() {
+    let ml = modelslab().await;
+    let uri = ml.uri();
+    let host = ml.address().to_string();
+    let r = start_runner_with(
+        &[
+            ("GENERATOR", "modelslab"),
+            ("MODELSLAB_API_KEY", "ml-local-test-key"),
+            ("MODELSLAB_BASE_URL", &uri),
+            ("DOWNLOAD_ALLOW_HTTP_HOSTS", &host),
+            // Only the poller may finish the job: the status route does not check here.
+            ("PROVIDER_STATUS_CHECK_SECONDS", "3600"),
+            ("POLLER_CHECK_WINDOW_SECONDS", "0"),
+        ],
+        Duration::from_secs(1),
+    )
+    .await;
+    let http = reqwest::Client::new();
+
+    // A character image first: it becomes the animation's source.
+    let character: Value = http
+        .post(format!("{}/api/generate/character", r.base))
+        .bearer_auth(&r.token)
+        .json(&serde_json::json!({ "characterId": Uuid::new_v4(), "prompt": "a knight" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let image = wait_for(
+        &http,
+        &r,
+        character["jobId"].as_str().unwrap(),
+        &["completed", "failed"],
+        &mut seen,
+    )
+    .await;
+    assert_eq!(image["status"], "completed", "{image}");
+
+    let animation: Value = http
+        .post(format!("{}/api/generate/animation", r.base))
+        .bearer_auth(&r.token)
+        .json(&serde_json::json!({
+            "moodboardId": Uuid::new_v4(), "sourceImageId": image["result"]["id"], "prompt": "he waves"
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_id = animation["jobId"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    let waiting = wait_for(&http, &r, &job_id, &["processing"], &mut seen).await;
+    assert!(waiting["progress"].as_i64().unwrap() < 100);
+    let done = wait_for(&http, &r, &job_id, &["completed", "failed"], &mut seen).await;
+    assert_eq!(done["status"], "completed", "{done}; states seen: {seen:?}");
+    assert_eq!(done["progress"], 100);
+
+    let fetches = ml
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|q| q.url.path() == "/api/v6/video/fetch/4321")
+        .count();
+    assert_eq!(fetches, 2, "the poller checked until the provider was done");
+    let submitted = ml
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|q| q.url.path() == "/api/v6/video/img2video")
+        .unwrap();
+    let sent: Value = serde_json::from_slice(&submitted.body).unwrap();
+    assert_eq!(sent["init_image"], image["result"]["publicUrl"]);
+
+    let video = http
+        .get(done["result"]["publicUrl"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(video.status(), 200);
+    assert_eq!(video.headers()["content-type"], "video/mp4");
+    assert_eq!(
+        &video.bytes().await.unwrap()[..],
+        b"\x00\x00\x00\x18ftypmp42-a-short-video"
+    );
     r.stop().await;
 }

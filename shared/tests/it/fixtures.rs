@@ -141,3 +141,78 @@ async fn the_schedule_fixture_runs_the_poller() {
     assert_eq!(report.jobs["completed"], 0);
     assert_eq!(report.jobs.len(), 5);
 }
+
+/// The secret `infra/env/local.json` gives `sam local invoke`; the webhook fixture's token is
+/// made with it.
+const FIXTURE_CALLBACK_SECRET: &str = "local-callback-secret-for-sam-local-invoke-only";
+
+#[tokio::test]
+async fn the_webhook_fixture_is_authentic_only_under_the_local_callback_secret() {
+    let t = TestApp::configured(
+        |_| shared::queue::Dispatcher::embedded(),
+        std::time::Duration::ZERO,
+        &[("CALLBACK_SECRET", FIXTURE_CALLBACK_SECRET)],
+    )
+    .await;
+    // No such job waits on the provider: authentic, and nothing to do.
+    let (status, body) = http(&t, "modelslab-webhook.json").await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("ignored")),
+        "{body}"
+    );
+
+    let other = TestApp::configured(
+        |_| shared::queue::Dispatcher::embedded(),
+        std::time::Duration::ZERO,
+        &[("CALLBACK_SECRET", "some-other-deployment-secret-0123456789")],
+    )
+    .await;
+    let (status, _) = http(&other, "modelslab-webhook.json").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn the_drive_fixtures_connect_report_and_disconnect_the_fixture_user() {
+    use wiremock::{matchers::path, Mock, MockServer, ResponseTemplate};
+    let google = MockServer::start().await;
+    Mock::given(path("/token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "ya29.fixture", "expires_in": 3599, "token_type": "Bearer"
+        })))
+        .mount(&google)
+        .await;
+    let token_url = format!("{}/token", google.uri());
+    let key = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+    let t = TestApp::configured(
+        |_| shared::queue::Dispatcher::embedded(),
+        std::time::Duration::ZERO,
+        &[
+            ("MEDIA_STORE", "google-drive"),
+            ("GOOGLE_CLIENT_ID", "client"),
+            ("GOOGLE_CLIENT_SECRET", "secret"),
+            ("GOOGLE_TOKEN_URL", &token_url),
+            ("DRIVE_TOKEN_KEY", key),
+        ],
+    )
+    .await;
+    let connected = |body: &serde_json::Value| body["connected"].as_bool();
+    let (status, body) = http(&t, "drive-connection.json").await;
+    assert_eq!((status, connected(&body)), (200, Some(false)), "{body}");
+    let (status, body) = http(&t, "drive-connect.json").await;
+    assert_eq!((status, connected(&body)), (200, Some(true)), "{body}");
+    let (_, body) = http(&t, "drive-connection.json").await;
+    assert_eq!(connected(&body), Some(true));
+    let (status, body) = http(&t, "drive-disconnect.json").await;
+    assert_eq!((status, connected(&body)), (200, Some(false)));
+    let (_, body) = http(&t, "drive-connection.json").await;
+    assert_eq!(connected(&body), Some(false));
+
+    // Where media are stored locally there is no Drive to connect.
+    let local = TestApp::embedded().await;
+    let (status, body) = http(&local, "drive-connection.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("drive_not_configured"))
+    );
+}
