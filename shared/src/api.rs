@@ -422,10 +422,10 @@ fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
         "moodboard" => {
             let r: MoodboardRequest = parse_json(bytes)?;
             if let Some(count) = r.count {
-                if !(1..=8).contains(&count) {
+                if !(1..=4).contains(&count) {
                     return Err(ApiError::bad(
                         "invalid_request",
-                        "count must be between 1 and 8",
+                        "count must be between 1 and 4 (the most ModelsLab makes from one request)",
                     ));
                 }
             }

@@ -87,7 +87,7 @@ impl Simulator {
                     .get("count")
                     .and_then(|c| c.as_u64())
                     .unwrap_or(4)
-                    .clamp(1, 8);
+                    .clamp(1, 4);
                 (0..count)
                     .map(|i| png(seed.wrapping_add(i * 0x9e37_79b9)))
                     .collect()

@@ -9,6 +9,7 @@ mod provider;
 mod queue;
 mod reliability;
 mod repository;
+mod secrecy;
 mod support;
 mod template;
 mod worker;
