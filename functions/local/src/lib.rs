@@ -155,7 +155,7 @@ async fn route(
     let request = if path == "/api/health" || path.starts_with("/api/webhooks/") {
         request
     } else {
-        match verifier.authorize(request) {
+        match verifier.authorize(request).await {
             Ok(authorized) => authorized,
             Err(e) => {
                 tracing::debug!(error = %chain(&e), "request refused");
@@ -292,7 +292,7 @@ async fn run_poller(app: App, every: Duration, shutdown: watch::Receiver<bool>) 
     }
 }
 
-/// A token for the local runner's demo user, valid for 30 days.
+/// A token for the local runner's demo user, valid for 30 days (HS256 verifiers only).
 pub fn demo_token(verifier: &LocalVerifier, user: &str, tenant: Option<&str>) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -304,6 +304,12 @@ pub fn demo_token(verifier: &LocalVerifier, user: &str, tenant: Option<&str>) ->
             tenant_id: tenant.map(Into::into),
             exp: now + 30 * 86_400,
             iat: Some(now),
+            iss: verifier.issuer().map(Into::into),
+            aud: verifier
+                .audience()
+                .and_then(|a| a.first())
+                .map(|a| a.clone().into()),
+            ..Claims::default()
         })
         .expect("HS256 signing with an in-memory key cannot fail")
 }

@@ -25,11 +25,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let app = App::from_config(config).await?;
     db::migrate(&app.pool).await?;
 
-    let (secret, generated) = match std::env::var("JWT_SECRET") {
-        Ok(s) if !s.is_empty() => (s, false),
-        _ => (format!("{}{}", uuid_hex(), uuid_hex()), true),
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let (secret, generated) = match env("JWT_SECRET") {
+        Some(s) => (s, false),
+        None => (format!("{}{}", uuid_hex(), uuid_hex()), true),
     };
-    let verifier = Arc::new(LocalVerifier::new(secret.as_bytes())?);
+    let jwks = env("JWT_JWKS_URL");
+    let verifier = match &jwks {
+        Some(url) => LocalVerifier::jwks(url.clone()),
+        None => LocalVerifier::new(secret.as_bytes())?,
+    }
+    .expecting(
+        env("JWT_ISSUER"),
+        env("JWT_AUDIENCE").map(|a| a.split(',').map(|s| s.trim().to_owned()).collect()),
+    );
+    let verifier = Arc::new(verifier);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     let poll_every = std::env::var("POLL_INTERVAL_SECONDS")
         .ok()
@@ -39,7 +49,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or(std::time::Duration::from_secs(60));
     let running = local::start(app.clone(), verifier.clone(), listener, poll_every)?;
 
-    let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
     let base = format!("http://{}", running.addr);
     println!(
         "\nmedia job service on {base}  (queue: {})",
@@ -49,10 +58,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "embedded"
         }
     );
-    if generated {
-        println!("JWT_SECRET was not set; this run signs tokens with a made-up secret.");
+    if let Some(url) = &jwks {
+        println!(
+            "tokens are verified with the keys at {url}; bring one from your identity provider.\n"
+        );
+    } else {
+        if generated {
+            println!("JWT_SECRET was not set; this run signs tokens with a made-up secret.");
+        }
+        let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
+        println!("token for user local-user (tenant local-tenant), valid 30 days:\n\n  export TOKEN={token}\n");
     }
-    println!("token for user local-user (tenant local-tenant), valid 30 days:\n\n  export TOKEN={token}\n");
     println!(
         "  curl -s -X POST {base}/api/generate/character -H \"authorization: Bearer $TOKEN\" \\"
     );

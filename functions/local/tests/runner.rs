@@ -170,7 +170,7 @@ async fn the_runner_refuses_missing_forged_and_expired_tokens_and_hides_other_us
             sub: "local-user".into(),
             tenant_id: None,
             exp: now - 3600,
-            iat: None,
+            ..Default::default()
         })
         .unwrap();
     for bad in [forged.as_str(), expired.as_str(), "not-a-jwt"] {

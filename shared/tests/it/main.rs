@@ -1,6 +1,7 @@
 //! Integration tests: real Postgres (a fresh database per test) and a real SQS API (moto).
 
 mod api;
+mod auth;
 mod drive;
 mod fixtures;
 mod idempotency;
