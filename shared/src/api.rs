@@ -41,6 +41,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
     PayloadTooLarge,
+    #[error("{message}")]
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("the database is unavailable")]
     Unavailable(#[source] Box<dyn StdError + Send + Sync>),
     #[error("internal error")]
@@ -68,6 +74,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -79,7 +86,8 @@ impl ApiError {
             ApiError::BadRequest { code, .. }
             | ApiError::NotFound { code, .. }
             | ApiError::Conflict { code, .. }
-            | ApiError::Unprocessable { code, .. } => code,
+            | ApiError::Unprocessable { code, .. }
+            | ApiError::TooManyRequests { code, .. } => code,
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
@@ -95,12 +103,18 @@ impl ApiError {
             self.status(),
             &json!({ "error": { "code": self.code(), "message": self.to_string() } }),
         );
-        if let ApiError::Unavailable(_) = self {
+        let retry_after = match self {
             // Outages here are restarts and failovers: seconds, not minutes.
-            response.headers_mut().insert(
-                "retry-after",
-                lambda_http::http::HeaderValue::from_static("2"),
-            );
+            ApiError::Unavailable(_) => Some(2),
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", lambda_http::http::HeaderValue::from(secs));
         }
         response
     }
@@ -141,6 +155,22 @@ impl From<crate::worker::WorkerError> for ApiError {
 
 impl From<jobs::JobsError> for ApiError {
     fn from(e: jobs::JobsError) -> Self {
+        if let jobs::JobsError::Refused(refusal) = &e {
+            let message = refusal.to_string();
+            return match refusal {
+                jobs::Refusal::RateLimited { retry_after, .. } => ApiError::TooManyRequests {
+                    code: "rate_limited",
+                    message,
+                    retry_after_secs: retry_after.as_secs_f64().ceil() as u64,
+                },
+                jobs::Refusal::QueueFull { .. } => ApiError::TooManyRequests {
+                    code: "too_many_queued",
+                    message,
+                    // A queued job starts (or is cancelled) in about a run time.
+                    retry_after_secs: 30,
+                },
+            };
+        }
         if e.is_unavailable() {
             ApiError::Unavailable(Box::new(e))
         } else {
@@ -167,6 +197,7 @@ pub const ROUTES: &[&str] = &[
     "GET /api/generate/status/{jobId}",
     "POST /api/generate/cancel/{jobId}",
     "DELETE /api/jobs/{jobId}",
+    "GET /api/jobs",
     "GET /api/health",
     "POST /api/webhooks/modelslab/{jobId}",
     "GET /api/drive/connection",
@@ -201,12 +232,14 @@ async fn route(app: &App, req: Request) -> Response<Body> {
         ("POST", ["api", "webhooks", "modelslab", job_id]) => {
             provider_callback(app, &req, job_id).await
         }
+        ("GET", ["api", "jobs"]) => list(app, &req).await,
         ("GET", ["api", "drive", "connection"]) => drive_status(app, &req).await,
         ("PUT", ["api", "drive", "connection"]) => drive_connect(app, &req).await,
         ("DELETE", ["api", "drive", "connection"]) => drive_disconnect(app, &req).await,
         (_, ["api", "health"])
         | (_, ["api", "webhooks", "modelslab", _])
         | (_, ["api", "drive", "connection"])
+        | (_, ["api", "jobs"])
         | (_, ["api", "generate", "status", _])
         | (_, ["api", "generate", "cancel", _])
         | (_, ["api", "jobs", _])
@@ -293,6 +326,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         params: &request.params,
         max_attempts: app.config.job_max_attempts as i32,
         limits: app.config.limits(),
+        quota: app.config.quota,
     };
     let mut conn = app.pool.get().await?;
     if app.store.is_drive() && !Drive::is_connected(&conn, &owner.user_id).await? {
@@ -641,6 +675,133 @@ fn estimated_wait(position: Option<i64>, run_seconds: Option<f64>, slots: u32) -
             .ceil()
             .max(0.0) as u64,
     )
+}
+
+// ---- list ----------------------------------------------------------------------------------
+
+const LIST_DEFAULT: i64 = 20;
+const LIST_MAX: i64 = 100;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedJob {
+    id: Uuid,
+    #[serde(rename = "type")]
+    job_type: JobType,
+    status: JobStatus,
+    progress: i16,
+    result: Option<Media>,
+    error: Option<String>,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListResponse {
+    jobs: Vec<ListedJob>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// The caller's jobs, newest first, keyset-paginated: a page never repeats or skips a job
+/// however many are created meanwhile.
+async fn list(app: &App, req: &Request) -> Result<Response<Body>, ApiError> {
+    let owner = caller(req)?;
+    let mut query = jobs::ListQuery {
+        limit: LIST_DEFAULT,
+        ..jobs::ListQuery::default()
+    };
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad = |what: &str| ApiError::bad("invalid_request", format!("{name}: {what}"));
+        match name {
+            "status" => {
+                query.status = Some(JobStatus::parse(value).ok_or_else(|| {
+                    bad("one of queued, processing, completed, failed, cancelled")
+                })?)
+            }
+            "type" => {
+                query.job_type = Some(
+                    JobType::parse(value)
+                        .ok_or_else(|| bad("one of character-image, moodboard, animation"))?,
+                )
+            }
+            "limit" => {
+                query.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=LIST_MAX).contains(l))
+                    .ok_or_else(|| bad("a whole number from 1 to 100"))?
+            }
+            "cursor" => {
+                query.after = Some(decode_cursor(value).ok_or_else(|| {
+                    ApiError::bad("invalid_cursor", "cursor is not one this service gave out")
+                })?)
+            }
+            _ => return Err(bad("unknown query parameter")),
+        }
+    }
+    let page = query.limit;
+    query.limit = page + 1;
+    let conn = app.pool.get().await?;
+    let mut rows = jobs::list_for_owner(&conn, &owner, &query).await?;
+    let next_cursor = if rows.len() as i64 > page {
+        rows.truncate(page as usize);
+        rows.last().map(|j| encode_cursor(j.created_at, j.id))
+    } else {
+        None
+    };
+    let jobs = rows
+        .into_iter()
+        .map(|j| ListedJob {
+            id: j.id,
+            job_type: j.job_type,
+            status: j.status,
+            progress: j.progress,
+            result: j.result,
+            error: if j.status == JobStatus::Failed {
+                j.error_message
+            } else {
+                None
+            },
+            attempts: j.attempts,
+            created_at: j.created_at,
+            started_at: j.started_at,
+            completed_at: j.completed_at,
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &ListResponse { jobs, next_cursor },
+    ))
+}
+
+fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}|{id}", created_at.timestamp_micros()))
+}
+
+fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (micros, id) = text.split_once('|')?;
+    Some((
+        DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        Uuid::parse_str(id).ok()?,
+    ))
 }
 
 // ---- cancel --------------------------------------------------------------------------------

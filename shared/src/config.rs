@@ -89,6 +89,8 @@ pub struct Config {
     pub max_concurrent_jobs: u32,
     /// How many slots one user may hold at once (MAX_ACTIVE_PER_USER; all of them by default).
     pub max_active_per_user: u32,
+    /// Abuse limits per user: jobs created per minute, and jobs waiting at once.
+    pub quota: crate::jobs::Quota,
     pub job_max_attempts: u32,
     pub job_lease: Duration,
     pub generator: GeneratorKind,
@@ -172,6 +174,7 @@ impl std::fmt::Debug for Config {
             .field("sqs_queue_url", &self.sqs_queue_url)
             .field("max_concurrent_jobs", &self.max_concurrent_jobs)
             .field("max_active_per_user", &self.max_active_per_user)
+            .field("quota", &self.quota)
             .field("job_max_attempts", &self.job_max_attempts)
             .field("job_lease", &self.job_lease)
             .field("generator", &self.generator)
@@ -325,6 +328,10 @@ impl Config {
                 1..=1_000,
             )?
             .min(max_concurrent_jobs),
+            quota: crate::jobs::Quota {
+                per_minute: number(&lookup, "RATE_LIMIT_PER_MINUTE", 60, 1..=1_000_000)?,
+                max_queued: number(&lookup, "MAX_QUEUED_PER_USER", 100, 1..=1_000_000)?,
+            },
             job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
             job_lease: Duration::from_secs(
                 number(&lookup, "JOB_LEASE_SECONDS", 300, 5..=86_400)?.into(),

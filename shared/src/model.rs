@@ -41,6 +41,10 @@ impl JobStatus {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

@@ -4,7 +4,19 @@
 -- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
 -- reserve different slots, so no more jobs are answered `direct` than there were free slots.
 -- queued_ahead counts the queued jobs that will start before this one (its position - 1).
-WITH head AS (
+-- Abuse limits come first: a user who created $11 jobs in the last minute, or has $12 queued,
+-- gets no row inserted; recent_jobs and recent_oldest then say which limit and for how long.
+WITH recent AS (
+    SELECT count(*) AS n, min(created_at) AS oldest FROM (
+        SELECT created_at FROM generation_jobs
+        WHERE user_id = $2 AND created_at > now() - interval '60 seconds'
+        ORDER BY created_at DESC LIMIT $11) r
+), mine_queued AS (
+    SELECT count(*) AS n FROM (
+        SELECT 1 FROM generation_jobs WHERE user_id = $2 AND status = 'queued' LIMIT $12) q
+), allowed AS (
+    SELECT (SELECT n FROM recent) < $11 AND (SELECT n FROM mine_queued) < $12 AS ok
+), head AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
 ), user_jobs AS (
     SELECT max(fair_key) AS last_key FROM generation_jobs WHERE user_id = $2 AND status IN ('queued', 'processing')
@@ -28,7 +40,8 @@ WITH head AS (
     FOR UPDATE SKIP LOCKED
 ), job AS (
     INSERT INTO generation_jobs (id, user_id, tenant_id, job_type, entity_id, params, max_attempts, fair_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT k FROM key))
+    SELECT $1, $2, $3, $4, $5, $6, $7, (SELECT k FROM key)
+    WHERE (SELECT ok FROM allowed)
     RETURNING id, created_at, fair_key
 ), reserved AS (
     UPDATE job_slots s
@@ -37,7 +50,9 @@ WITH head AS (
     WHERE s.slot = free.slot
     RETURNING s.slot
 )
-SELECT job.created_at,
+SELECT (SELECT created_at FROM job) AS created_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
-       (SELECT count(*) FROM generation_jobs q WHERE q.status = 'queued' AND q.fair_key <= job.fair_key) AS queued_ahead
-FROM job
+       (SELECT count(*) FROM generation_jobs q, job
+        WHERE q.status = 'queued' AND q.fair_key <= job.fair_key) AS queued_ahead,
+       (SELECT n FROM recent) AS recent_jobs,
+       (SELECT oldest FROM recent) AS recent_oldest

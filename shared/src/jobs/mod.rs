@@ -17,6 +17,48 @@ pub enum JobsError {
     Db(#[from] tokio_postgres::Error),
     #[error("stored job {id} has an unknown job_type {job_type:?}")]
     UnknownType { id: Uuid, job_type: String },
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
+/// Why an enqueue was refused by the abuse limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many jobs created in the last minute; the next is allowed after `retry_after`.
+    RateLimited {
+        per_minute: u32,
+        retry_after: Duration,
+    },
+    /// Too many of the user's jobs are waiting already.
+    QueueFull { max_queued: u32 },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::RateLimited { per_minute, .. } => {
+                write!(f, "at most {per_minute} jobs a minute may be created")
+            }
+            Refusal::QueueFull { max_queued } => {
+                write!(f, "at most {max_queued} of your jobs may wait at once")
+            }
+        }
+    }
+}
+
+/// Per-user abuse limits on job creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub per_minute: u32,
+    pub max_queued: u32,
+}
+
+impl Quota {
+    /// For callers that are not users: tests, tools, benchmarks.
+    pub const UNLIMITED: Quota = Quota {
+        per_minute: u32::MAX,
+        max_queued: u32::MAX,
+    };
 }
 
 impl JobsError {
@@ -47,6 +89,7 @@ pub struct NewJob<'a> {
     pub params: &'a serde_json::Value,
     pub max_attempts: i32,
     pub limits: Limits,
+    pub quota: Quota,
 }
 
 /// How a new job was admitted.
@@ -162,11 +205,33 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
                 &(new.limits.slots as i32),
                 &RESERVATION.as_secs_f64(),
                 &(new.limits.per_user as i64),
+                &(new.quota.per_minute as i64),
+                &(new.quota.max_queued as i64),
             ],
         )
         .await?;
+    let Some(created_at) = row.try_get::<_, Option<DateTime<Utc>>>("created_at")? else {
+        let recent: i64 = row.try_get("recent_jobs")?;
+        return Err(JobsError::Refused(
+            if recent >= new.quota.per_minute as i64 {
+                let oldest: Option<DateTime<Utc>> = row.try_get("recent_oldest")?;
+                let free_at = oldest.unwrap_or_else(Utc::now) + chrono::Duration::seconds(60);
+                Refusal::RateLimited {
+                    per_minute: new.quota.per_minute,
+                    retry_after: (free_at - Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .max(Duration::from_secs(1)),
+                }
+            } else {
+                Refusal::QueueFull {
+                    max_queued: new.quota.max_queued,
+                }
+            },
+        ));
+    };
     Ok(Admitted {
-        created_at: row.try_get("created_at")?,
+        created_at,
         direct: row.try_get("direct")?,
         queued_ahead: row.try_get("queued_ahead")?,
     })
@@ -662,6 +727,88 @@ pub async fn get_for_owner(
             None
         },
     }))
+}
+
+/// One row of the owner's job list.
+#[derive(Debug, Clone)]
+pub struct ListedJob {
+    pub id: Uuid,
+    pub job_type: JobType,
+    pub status: JobStatus,
+    pub progress: i16,
+    pub error_message: Option<String>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub result: Option<Media>,
+}
+
+/// What to list, and from where.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<JobStatus>,
+    pub job_type: Option<JobType>,
+    /// The (created_at, id) of the last job of the previous page.
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+pub async fn list_for_owner(
+    db: &impl GenericClient,
+    owner: &Identity,
+    query: &ListQuery,
+) -> Result<Vec<ListedJob>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("list_for_owner.sql"))
+        .await?;
+    let job_type = query.job_type.map(JobType::as_str);
+    let rows = db
+        .query(
+            &stmt,
+            &[
+                &owner.user_id,
+                &owner.tenant_id,
+                &query.status,
+                &job_type,
+                &query.after.map(|a| a.0),
+                &query.after.map(|a| a.1),
+                &query.limit,
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let id: Uuid = r.try_get("id")?;
+            let job_type: String = r.try_get("job_type")?;
+            let result = match r.try_get::<_, Option<Uuid>>("media_id")? {
+                Some(media_id) => Some(Media {
+                    id: media_id,
+                    media_type: r.try_get("media_type")?,
+                    mime_type: r.try_get("mime_type")?,
+                    public_url: r.try_get("public_url")?,
+                    width: r.try_get("width")?,
+                    height: r.try_get("height")?,
+                    size_bytes: r.try_get("size_bytes")?,
+                    created_at: r.try_get("media_created_at")?,
+                }),
+                None => None,
+            };
+            Ok(ListedJob {
+                id,
+                job_type: JobType::parse(&job_type)
+                    .ok_or(JobsError::UnknownType { id, job_type })?,
+                status: r.try_get("status")?,
+                progress: r.try_get("progress")?,
+                error_message: r.try_get("error_message")?,
+                attempts: r.try_get("attempts")?,
+                created_at: r.try_get("created_at")?,
+                started_at: r.try_get("started_at")?,
+                completed_at: r.try_get("completed_at")?,
+                result,
+            })
+        })
+        .collect()
 }
 
 pub async fn media_for_job(db: &impl GenericClient, job_id: Uuid) -> Result<Vec<Media>, JobsError> {

@@ -133,6 +133,7 @@ impl Google {
                 params: &json!({ "prompt": "x", "sourceImageId": Uuid::new_v4() }),
                 max_attempts: 3,
                 limits: self.t.app.config.limits(),
+                quota: shared::jobs::Quota::UNLIMITED,
             },
         )
         .await

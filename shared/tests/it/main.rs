@@ -1,5 +1,6 @@
 //! Integration tests: real Postgres (a fresh database per test) and a real SQS API (moto).
 
+mod access;
 mod api;
 mod auth;
 mod drive;

@@ -89,6 +89,7 @@ impl Provider {
                 params: &params,
                 max_attempts: 3,
                 limits: self.t.app.config.limits(),
+                quota: shared::jobs::Quota::UNLIMITED,
             },
         )
         .await

@@ -183,6 +183,7 @@ async fn a_full_job_run_logs_no_key_token_or_secret() {
             params: &json!({ "sourceImageId": source, "prompt": "wave" }),
             max_attempts: 3,
             limits: t.app.config.limits(),
+            quota: shared::jobs::Quota::UNLIMITED,
         },
     )
     .await

@@ -103,6 +103,8 @@ pub fn config_with(
         "MEDIA_DIR" => Some(dir.clone()),
         "PUBLIC_BASE_URL" => Some("http://media.test".into()),
         "MAX_CONCURRENT_JOBS" => Some("3".into()),
+        // Tests enqueue many jobs as one user; the abuse limits have their own tests.
+        "RATE_LIMIT_PER_MINUTE" | "MAX_QUEUED_PER_USER" => Some("1000000".into()),
         _ => None,
     })
     .expect("test config")
@@ -234,6 +236,7 @@ impl TestApp {
                 params: &serde_json::json!({ "prompt": prompt }),
                 max_attempts: 3,
                 limits: self.app.config.limits(),
+                quota: shared::jobs::Quota::UNLIMITED,
             },
         )
         .await
