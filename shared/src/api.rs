@@ -199,6 +199,7 @@ pub const ROUTES: &[&str] = &[
     "DELETE /api/jobs/{jobId}",
     "GET /api/jobs",
     "GET /api/health",
+    "GET /api/openapi.json",
     "POST /api/webhooks/modelslab/{jobId}",
     "GET /api/drive/connection",
     "PUT /api/drive/connection",
@@ -224,6 +225,7 @@ async fn route(app: &App, req: Request) -> Response<Body> {
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let result = match (method.as_str(), segments.as_slice()) {
         ("GET", ["api", "health"]) => health(app).await,
+        ("GET", ["api", "openapi.json"]) => Ok(openapi()),
         ("POST", ["api", "generate", kind]) if *kind != "status" => enqueue(app, &req, kind).await,
         ("GET", ["api", "generate", "status", job_id]) => status(app, &req, job_id).await,
         ("POST", ["api", "generate", "cancel", job_id]) | ("DELETE", ["api", "jobs", job_id]) => {
@@ -237,6 +239,7 @@ async fn route(app: &App, req: Request) -> Response<Body> {
         ("PUT", ["api", "drive", "connection"]) => drive_connect(app, &req).await,
         ("DELETE", ["api", "drive", "connection"]) => drive_disconnect(app, &req).await,
         (_, ["api", "health"])
+        | (_, ["api", "openapi.json"])
         | (_, ["api", "webhooks", "modelslab", _])
         | (_, ["api", "drive", "connection"])
         | (_, ["api", "jobs"])
@@ -250,6 +253,18 @@ async fn route(app: &App, req: Request) -> Response<Body> {
         }),
     };
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// The OpenAPI 3.1 document for every route here.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+fn openapi() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("cache-control", "public, max-age=300")
+        .body(Body::Text(OPENAPI.to_owned()))
+        .expect("a static response builds")
 }
 
 async fn health(app: &App) -> Result<Response<Body>, ApiError> {
@@ -975,4 +990,34 @@ async fn drive_disconnect(app: &App, req: &Request) -> Result<Response<Body>, Ap
             connected_at: None,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_route_served_is_documented_and_every_documented_route_is_served() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.insert(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        let served: BTreeSet<String> = super::ROUTES.iter().map(|r| r.to_string()).collect();
+        assert_eq!(served, documented);
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let text = super::OPENAPI;
+        for reference in text.split("\"$ref\": \"").skip(1) {
+            let target = reference.split('"').next().unwrap();
+            let pointer = target.trim_start_matches('#');
+            assert!(doc.pointer(pointer).is_some(), "{target} does not resolve");
+        }
+    }
 }

@@ -151,8 +151,9 @@ async fn route(
         Body::Binary(bytes.to_vec())
     };
     let request = lambda_http::Request::from_parts(parts, body);
-    // Health is public; a provider callback carries its own per-job token instead of a JWT.
-    let request = if path == "/api/health" || path.starts_with("/api/webhooks/") {
+    // Health and the API document are public; a provider callback carries its own per-job token instead of a JWT.
+    let public = ["/api/health", "/api/openapi.json"].contains(&path.as_str());
+    let request = if public || path.starts_with("/api/webhooks/") {
         request
     } else {
         match verifier.authorize(request).await {

@@ -1,5 +1,6 @@
 //! `cargo run -p local` runs the whole service; `cargo run -p local -- migrate` only applies
-//! migrations to `DATABASE_URL` (the deploy step).
+//! migrations to `DATABASE_URL` (the deploy step); `cargo run -p local -- token USER [TENANT]`
+//! prints a 30-day token signed with `JWT_SECRET`, for scripts that call a running service.
 
 use std::sync::Arc;
 
@@ -14,7 +15,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or(3000);
     let config = local::config_from_env(port)?;
 
-    if std::env::args().nth(1).as_deref() == Some("migrate") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("token") {
+        let secret =
+            std::env::var("JWT_SECRET").map_err(|_| "JWT_SECRET must be set to sign a token")?;
+        let user = args.get(1).ok_or("usage: local token USER [TENANT]")?;
+        let verifier = LocalVerifier::new(secret.as_bytes())?;
+        println!(
+            "{}",
+            local::demo_token(&verifier, user, args.get(2).map(String::as_str))
+        );
+        return Ok(());
+    }
+
+    if args.first().map(String::as_str) == Some("migrate") {
         let pool = db::pool(&config.database_url, 1)?;
         db::migrate(&pool).await?;
         println!("migrations applied");

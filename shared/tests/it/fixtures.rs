@@ -96,6 +96,8 @@ async fn the_status_and_health_fixtures_answer_200() {
     assert_eq!(body["position"], 1);
     let (status, _) = http(&t, "health.json").await;
     assert_eq!(status, 200);
+    let (status, doc) = http(&t, "openapi.json").await;
+    assert_eq!((status, doc["openapi"].as_str()), (200, Some("3.1.0")));
     let (status, body) = http(&t, "list-jobs.json").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["jobs"][0]["id"], FIXTURE_JOB);
