@@ -290,6 +290,7 @@ struct CharacterRequest {
     image_reference_id: Option<Uuid>,
     prompt: Option<String>,
     negative_prompt: Option<String>,
+    webhook_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -299,6 +300,7 @@ struct MoodboardRequest {
     prompt: Option<String>,
     negative_prompt: Option<String>,
     count: Option<u8>,
+    webhook_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +310,7 @@ struct AnimationRequest {
     source_image_id: Uuid,
     prompt: Option<String>,
     negative_prompt: Option<String>,
+    webhook_url: Option<String>,
 }
 
 /// What a validated request turns into: the entity it is about and the parameters kept with it.
@@ -315,6 +318,7 @@ struct JobRequest {
     job_type: JobType,
     entity_id: Uuid,
     params: serde_json::Value,
+    webhook_url: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -330,7 +334,24 @@ struct EnqueueResponse {
 async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>, ApiError> {
     let owner = caller(req)?;
     let key = idempotency_key(req)?;
-    let request = parse_job_request(kind, req.body())?;
+    let mut request = parse_job_request(kind, req.body())?;
+    if let Some(url) = request.webhook_url.take() {
+        let settings = app
+            .config
+            .webhooks
+            .as_ref()
+            .ok_or_else(|| ApiError::Unprocessable {
+                code: "webhooks_not_configured",
+                message: "this deployment sends no completion webhooks".into(),
+            })?;
+        let url = crate::webhooks::check_url(settings, &url).map_err(|refused| {
+            ApiError::Unprocessable {
+                code: "webhook_url_refused",
+                message: refused.to_string(),
+            }
+        })?;
+        request.params["webhookUrl"] = json!(url.as_str());
+    }
     let id = Uuid::now_v7();
     tracing::Span::current().record("job_id", tracing::field::display(id));
     let new = NewJob {
@@ -461,6 +482,7 @@ fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
             Ok(JobRequest {
                 job_type: JobType::CharacterImage,
                 entity_id: r.character_id,
+                webhook_url: r.webhook_url,
                 params: json!({
                     "imageReferenceId": r.image_reference_id,
                     "prompt": checked_prompt("prompt", r.prompt)?,
@@ -481,6 +503,7 @@ fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
             Ok(JobRequest {
                 job_type: JobType::Moodboard,
                 entity_id: r.moodboard_id,
+                webhook_url: r.webhook_url,
                 params: json!({
                     "prompt": checked_prompt("prompt", r.prompt)?,
                     "negativePrompt": checked_prompt("negativePrompt", r.negative_prompt)?,
@@ -493,6 +516,7 @@ fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
             Ok(JobRequest {
                 job_type: JobType::Animation,
                 entity_id: r.moodboard_id,
+                webhook_url: r.webhook_url,
                 params: json!({
                     "sourceImageId": r.source_image_id,
                     "prompt": checked_prompt("prompt", r.prompt)?,
@@ -622,7 +646,7 @@ fn job_not_found() -> ApiError {
 }
 
 /// The job as its owner sees it; `None` for a missing job and for another user's job alike.
-async fn status_body(
+pub(crate) async fn status_body(
     db: &impl deadpool_postgres::GenericClient,
     id: Uuid,
     owner: &Identity,
@@ -842,6 +866,9 @@ async fn cancel(app: &App, req: &Request, job_id: &str) -> Result<Response<Body>
         tracing::info!(job_id = %id, user_id = %owner.user_id, "job cancelled");
         app.metrics.job_cancelled(body.job_type);
         crate::worker::nudge(app, settled).await;
+        if app.config.webhooks.is_some() {
+            crate::webhooks::deliver_now(app, id).await;
+        }
     }
     Ok(json_response(StatusCode::OK, &body))
 }

@@ -107,6 +107,9 @@ pub struct Config {
     pub downloads: crate::generator::DownloadRules,
     pub provider: ProviderSettings,
     pub media_store: MediaStoreKind,
+    /// Completion webhooks to clients; without WEBHOOK_SECRET, requests naming a webhookUrl
+    /// are refused.
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
 }
 
 /// Credits per job type (`JOB_CREDITS=character-image=1,moodboard=4,animation=10`).
@@ -188,6 +191,7 @@ impl std::fmt::Debug for Config {
             .field("downloads", &self.downloads)
             .field("provider", &self.provider)
             .field("media_store", &self.media_store)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -354,6 +358,27 @@ impl Config {
             downloads,
             provider,
             media_store,
+            webhooks: match lookup("WEBHOOK_SECRET") {
+                Some(secret) if secret.len() >= 24 => Some(crate::webhooks::WebhookSettings {
+                    secret: Secret::new(secret),
+                    allow_hosts: lookup("WEBHOOK_ALLOW_HOSTS")
+                        .map(|raw| {
+                            raw.split(',')
+                                .map(|h| h.trim().to_owned())
+                                .filter(|h| !h.is_empty())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
+                Some(_) => {
+                    return Err(ConfigError::Invalid {
+                        name: "WEBHOOK_SECRET",
+                        value: "<hidden>".into(),
+                        reason: "must be at least 24 characters",
+                    })
+                }
+                None => None,
+            },
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod provider;
 pub mod queue;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;
 
 pub use app::App;

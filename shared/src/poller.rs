@@ -39,6 +39,8 @@ pub struct Report {
     pub redispatched: u32,
     /// Checks of jobs the provider is working on.
     pub provider_checks: u32,
+    /// Completion webhooks delivered (first tries that failed, and events of rescued jobs).
+    pub webhooks_delivered: u32,
 }
 
 pub async fn handle_schedule(
@@ -62,6 +64,13 @@ pub async fn handle_schedule(
             0
         }
     };
+    let webhooks_delivered = match crate::webhooks::deliver_due(app, None).await {
+        Ok(n) => n as u32,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "delivering webhooks failed");
+            0
+        }
+    };
     let conn = app.pool.get().await?;
     let purged = crate::idempotency::purge(&conn, 1_000).await?;
     if purged > 0 {
@@ -77,6 +86,7 @@ pub async fn handle_schedule(
         rescue_failed,
         redispatched,
         provider_checks,
+        webhooks_delivered,
     };
     app.metrics.poller_tick(&crate::metrics::PollerTick {
         active: report.jobs.get("processing").copied().unwrap_or(0),

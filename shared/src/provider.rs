@@ -77,6 +77,22 @@ pub async fn check_job(
     awaiting: AwaitingJob,
     callback: Option<&[u8]>,
 ) -> Result<Checked, WorkerError> {
+    let (job_id, webhook) = (
+        awaiting.job.id,
+        awaiting.job.params.get("webhookUrl").is_some(),
+    );
+    let checked = check_and_settle(app, awaiting, callback).await?;
+    if webhook && matches!(checked, Checked::Completed | Checked::Failed) {
+        crate::webhooks::deliver_now(app, job_id).await;
+    }
+    Ok(checked)
+}
+
+async fn check_and_settle(
+    app: &App,
+    awaiting: AwaitingJob,
+    callback: Option<&[u8]>,
+) -> Result<Checked, WorkerError> {
     let job_id = awaiting.job.id;
     let now = Utc::now();
     let claim = Claimed {

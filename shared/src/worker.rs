@@ -252,6 +252,11 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
     app.metrics
         .job_settled(job_type, metric, started.elapsed().as_secs_f64() * 1e3);
     tracing::info!(%job_id, attempt = claim.attempt(), ?outcome, "job settled");
+    if matches!(outcome, Outcome::Completed | Outcome::Failed)
+        && claim.job.params.get("webhookUrl").is_some()
+    {
+        crate::webhooks::deliver_now(app, job_id).await;
+    }
     Ok(outcome)
 }
 

@@ -14,4 +14,5 @@ mod repository;
 mod secrecy;
 mod support;
 mod template;
+mod webhooks;
 mod worker;
