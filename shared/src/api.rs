@@ -314,10 +314,10 @@ struct AnimationRequest {
 }
 
 /// What a validated request turns into: the entity it is about and the parameters kept with it.
-struct JobRequest {
+pub(crate) struct JobRequest {
     job_type: JobType,
     entity_id: Uuid,
-    params: serde_json::Value,
+    pub(crate) params: serde_json::Value,
     webhook_url: Option<String>,
 }
 
@@ -471,7 +471,7 @@ async fn replay(
     Ok(replayed)
 }
 
-fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
+pub(crate) fn parse_job_request(kind: &str, body: &Body) -> Result<JobRequest, ApiError> {
     let bytes: &[u8] = body.as_ref();
     if bytes.len() > MAX_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge);
@@ -830,7 +830,7 @@ fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
         .encode(format!("{}|{id}", created_at.timestamp_micros()))
 }
 
-fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
+pub(crate) fn decode_cursor(raw: &str) -> Option<(DateTime<Utc>, Uuid)> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(raw)

@@ -8,6 +8,8 @@ pub mod callbacks;
 pub mod config;
 pub mod db;
 pub mod drive;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generator;
 pub mod idempotency;
 pub mod jobs;

@@ -6,7 +6,7 @@ mod modelslab;
 mod simulator;
 
 pub use download::{DownloadRules, Downloader};
-pub use modelslab::{ModelsLab, ModelsLabConfig};
+pub use modelslab::{read_answer as read_modelslab_answer, ModelsLab, ModelsLabConfig};
 pub use simulator::Simulator;
 
 use std::time::Duration;
