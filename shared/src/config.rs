@@ -243,14 +243,7 @@ impl Config {
             timeout: Duration::from_secs(
                 number(&lookup, "DOWNLOAD_TIMEOUT_SECONDS", 120, 1..=900)?.into(),
             ),
-            allow_http_hosts: lookup("DOWNLOAD_ALLOW_HTTP_HOSTS")
-                .map(|raw| {
-                    raw.split(',')
-                        .map(|h| h.trim().to_owned())
-                        .filter(|h| !h.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            allow_http_hosts: list(&lookup, "DOWNLOAD_ALLOW_HTTP_HOSTS"),
         };
         let callback_base_url =
             lookup("CALLBACK_BASE_URL").map(|u| u.trim_end_matches('/').to_owned());
@@ -361,14 +354,7 @@ impl Config {
             webhooks: match lookup("WEBHOOK_SECRET") {
                 Some(secret) if secret.len() >= 24 => Some(crate::webhooks::WebhookSettings {
                     secret: Secret::new(secret),
-                    allow_hosts: lookup("WEBHOOK_ALLOW_HOSTS")
-                        .map(|raw| {
-                            raw.split(',')
-                                .map(|h| h.trim().to_owned())
-                                .filter(|h| !h.is_empty())
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    allow_hosts: list(&lookup, "WEBHOOK_ALLOW_HOSTS"),
                 }),
                 Some(_) => {
                     return Err(ConfigError::Invalid {
@@ -381,6 +367,18 @@ impl Config {
             },
         })
     }
+}
+
+/// A comma-separated list; empty when unset.
+fn list(lookup: &impl Fn(&str) -> Option<String>, name: &str) -> Vec<String> {
+    lookup(name)
+        .map(|raw| {
+            raw.split(',')
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {

@@ -95,29 +95,9 @@ async fn a_character_job_posted_over_http_completes_and_its_png_is_served() {
     let job_id = posted["jobId"].as_str().unwrap().to_owned();
     assert!(matches!(posted["mode"].as_str(), Some("direct")));
 
+    // Poll as the front end does.
     let mut seen = Vec::new();
-    let mut last = Value::Null;
-    // Poll as the front end does; the bound is generous and only stops a broken run.
-    for _ in 0..150 {
-        let status: Value = http
-            .get(format!("{}/api/generate/status/{job_id}", r.base))
-            .bearer_auth(&r.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let state = status["status"].as_str().unwrap().to_owned();
-        if seen.last() != Some(&state) {
-            seen.push(state.clone());
-        }
-        last = status;
-        if state == "completed" || state == "failed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = wait_for(&http, &r, &job_id, &["completed", "failed"], &mut seen).await;
     assert_eq!(
         seen.last().map(String::as_str),
         Some("completed"),

@@ -121,24 +121,8 @@ impl Google {
     }
 
     async fn job(&self, who: &Identity, job_type: JobType) -> Uuid {
-        let id = Uuid::now_v7();
-        let conn = self.t.db.pool.get().await.unwrap();
-        shared::jobs::insert(
-            &conn,
-            &shared::jobs::NewJob {
-                id,
-                owner: who,
-                job_type,
-                entity_id: Uuid::new_v4(),
-                params: &json!({ "prompt": "x", "sourceImageId": Uuid::new_v4() }),
-                max_attempts: 3,
-                limits: self.t.app.config.limits(),
-                quota: shared::jobs::Quota::UNLIMITED,
-            },
-        )
-        .await
-        .unwrap();
-        id
+        let params = json!({ "prompt": "x", "sourceImageId": Uuid::new_v4() });
+        self.t.insert_with(who, job_type, params).await
     }
 
     async fn run(&self, id: Uuid) -> Outcome {

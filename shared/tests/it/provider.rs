@@ -77,24 +77,7 @@ impl Provider {
     }
 
     async fn job(&self, owner: &Identity, job_type: JobType, params: Value) -> Uuid {
-        let id = Uuid::now_v7();
-        let conn = self.t.db.pool.get().await.unwrap();
-        shared::jobs::insert(
-            &conn,
-            &shared::jobs::NewJob {
-                id,
-                owner,
-                job_type,
-                entity_id: Uuid::new_v4(),
-                params: &params,
-                max_attempts: 3,
-                limits: self.t.app.config.limits(),
-                quota: shared::jobs::Quota::UNLIMITED,
-            },
-        )
-        .await
-        .unwrap();
-        id
+        self.t.insert_with(owner, job_type, params).await
     }
 
     /// A source image the owner generated earlier, for an animation.

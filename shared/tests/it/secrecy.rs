@@ -172,22 +172,13 @@ async fn a_full_job_run_logs_no_key_token_or_secret() {
     )
     .await
     .unwrap();
-    let id = Uuid::now_v7();
-    shared::jobs::insert(
-        &conn,
-        &shared::jobs::NewJob {
-            id,
-            owner: &alice,
-            job_type: JobType::Animation,
-            entity_id: Uuid::new_v4(),
-            params: &json!({ "sourceImageId": source, "prompt": "wave" }),
-            max_attempts: 3,
-            limits: t.app.config.limits(),
-            quota: shared::jobs::Quota::UNLIMITED,
-        },
-    )
-    .await
-    .unwrap();
+    let id = t
+        .insert_with(
+            &alice,
+            JobType::Animation,
+            json!({ "sourceImageId": source, "prompt": "wave" }),
+        )
+        .await;
     assert_eq!(
         run_claimed(&t.app, claim(&t, id).await).await.unwrap(),
         Outcome::Submitted

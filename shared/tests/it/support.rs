@@ -223,6 +223,33 @@ impl TestApp {
         self.job_row(id).await.get("status")
     }
 
+    /// Inserts a queued job of any type with these params, as an accepted enqueue would have.
+    pub async fn insert_with(
+        &self,
+        owner: &Identity,
+        job_type: shared::model::JobType,
+        params: serde_json::Value,
+    ) -> Uuid {
+        let id = Uuid::now_v7();
+        let conn = self.db.pool.get().await.unwrap();
+        shared::jobs::insert(
+            &conn,
+            &shared::jobs::NewJob {
+                id,
+                owner,
+                job_type,
+                entity_id: Uuid::new_v4(),
+                params: &params,
+                max_attempts: 3,
+                limits: self.app.config.limits(),
+                quota: shared::jobs::Quota::UNLIMITED,
+            },
+        )
+        .await
+        .unwrap();
+        id
+    }
+
     /// Inserts a queued job directly, as an accepted enqueue would have.
     pub async fn insert_job(&self, id: Uuid, owner: &Identity, prompt: &str) {
         let conn = self.db.pool.get().await.unwrap();
