@@ -97,6 +97,33 @@ impl Google {
             .await;
     }
 
+    /// The first token request (the connect) answers `access-1`; later ones fall through to
+    /// whatever else is mounted.
+    async fn first_token_then_refreshes(&self) {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": "access-1", "expires_in": 3599, "token_type": "Bearer"
+            })))
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&self.g)
+            .await;
+    }
+
+    /// Connects alice, then lets her access token run out, as an hour passing would.
+    async fn connect_with_an_expired_access_token(&self) {
+        self.connect(&alice(), json!({ "refreshToken": REFRESH }))
+            .await;
+        let conn = self.t.db.pool.get().await.unwrap();
+        conn.execute(
+            "UPDATE drive_connections SET access_expires_at = now()",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+
     async fn connect(&self, who: &Identity, body: Value) -> (u16, Value) {
         call(
             &self.t.app,
@@ -361,26 +388,10 @@ async fn images_go_into_one_app_folder_by_multipart_upload_and_videos_by_resumab
 #[tokio::test]
 async fn an_expired_access_token_is_refreshed_before_the_upload() {
     let d = Google::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": "access-1", "expires_in": 3599, "token_type": "Bearer"
-        })))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&d.g)
-        .await;
+    d.first_token_then_refreshes().await;
     d.tokens("access-2").await;
     d.drive_api().await;
-    d.connect(&alice(), json!({ "refreshToken": REFRESH }))
-        .await;
-    let conn = d.t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE drive_connections SET access_expires_at = now()",
-        &[],
-    )
-    .await
-    .unwrap();
+    d.connect_with_an_expired_access_token().await;
 
     let image = d.job(&alice(), JobType::CharacterImage).await;
     assert_eq!(d.run(image).await, Outcome::Completed);
@@ -395,15 +406,7 @@ async fn an_expired_access_token_is_refreshed_before_the_upload() {
 #[tokio::test]
 async fn a_revoked_connection_fails_the_job_asking_the_user_to_reconnect() {
     let d = Google::start().await;
-    Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": "access-1", "expires_in": 3599
-        })))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&d.g)
-        .await;
+    d.first_token_then_refreshes().await;
     Mock::given(method("POST"))
         .and(path("/token"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
@@ -412,15 +415,7 @@ async fn a_revoked_connection_fails_the_job_asking_the_user_to_reconnect() {
         .mount(&d.g)
         .await;
     d.drive_api().await;
-    d.connect(&alice(), json!({ "refreshToken": REFRESH }))
-        .await;
-    let conn = d.t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE drive_connections SET access_expires_at = now()",
-        &[],
-    )
-    .await
-    .unwrap();
+    d.connect_with_an_expired_access_token().await;
 
     let image = d.job(&alice(), JobType::CharacterImage).await;
     assert_eq!(d.run(image).await, Outcome::Failed);

@@ -487,7 +487,18 @@ async fn rate_limiting_is_retried_and_the_retry_succeeds() {
         .contains("Rate limit exceeded"));
 }
 
-async fn first_attempt_error(p: &Provider, id: Uuid) -> (bool, String) {
+/// Starts a character job against a provider answering `answer`, and checks that the attempt
+/// was requeued with a retryable error saying `expected`.
+async fn first_attempt_is_retryable(p: &Provider, answer: ResponseTemplate, expected: &str) {
+    Mock::given(method("POST"))
+        .and(path("/api/v6/images/text2img"))
+        .respond_with(answer)
+        .mount(&p.ml)
+        .await;
+    let id = p
+        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
+        .await;
+    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
     let conn = p.t.db.pool.get().await.unwrap();
     let row = conn
         .query_one(
@@ -496,65 +507,34 @@ async fn first_attempt_error(p: &Provider, id: Uuid) -> (bool, String) {
         )
         .await
         .unwrap();
-    (row.get("retryable"), row.get("message"))
+    let message: String = row.get("message");
+    assert!(row.get::<_, bool>("retryable"), "{message}");
+    assert!(message.contains(expected), "{message}");
 }
 
 #[tokio::test]
 async fn a_server_error_is_retryable() {
     let p = Provider::start(&[]).await;
-    p.answer(
-        "/api/v6/images/text2img",
-        500,
+    let answer = ResponseTemplate::new(500).set_body_json(
         json!({ "status": "error", "message": "Internal server error. Please try again." }),
-    )
-    .await;
-    let id = p
-        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
-        .await;
-    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
-    let (retryable, message) = first_attempt_error(&p, id).await;
-    assert!(retryable);
-    assert!(message.contains("HTTP 500"), "{message}");
+    );
+    first_attempt_is_retryable(&p, answer, "HTTP 500").await;
 }
 
 #[tokio::test]
 async fn a_provider_that_does_not_answer_in_time_is_retryable() {
     let p = Provider::start(&[("MODELSLAB_TIMEOUT_SECONDS", "1")]).await;
-    Mock::given(method("POST"))
-        .and(path("/api/v6/images/text2img"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(success(&["https://x/a.png".into()]))
-                .set_delay(Duration::from_secs(5)),
-        )
-        .mount(&p.ml)
-        .await;
-    let id = p
-        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
-        .await;
-    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
-    let (retryable, message) = first_attempt_error(&p, id).await;
-    assert!(retryable);
-    assert!(message.contains("timed out"), "{message}");
+    let answer = ResponseTemplate::new(200)
+        .set_body_json(success(&["https://x/a.png".into()]))
+        .set_delay(Duration::from_secs(5));
+    first_attempt_is_retryable(&p, answer, "timed out").await;
 }
 
 #[tokio::test]
 async fn a_malformed_answer_is_retryable() {
     let p = Provider::start(&[]).await;
-    Mock::given(method("POST"))
-        .and(path("/api/v6/images/text2img"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_raw("{\"status\": \"succ", "application/json"),
-        )
-        .mount(&p.ml)
-        .await;
-    let id = p
-        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
-        .await;
-    assert!(matches!(p.run(id).await, Outcome::Requeued { .. }));
-    let (retryable, message) = first_attempt_error(&p, id).await;
-    assert!(retryable);
-    assert!(message.contains("not its JSON"), "{message}");
+    let answer = ResponseTemplate::new(200).set_body_raw("{\"status\": \"succ", "application/json");
+    first_attempt_is_retryable(&p, answer, "not its JSON").await;
 }
 
 #[tokio::test]
