@@ -23,7 +23,9 @@ WITH held_by_user AS (
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
-          WHERE q.id IN (SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16)
+          -- An array, not IN (subquery): the planner then fetches these few rows by primary key
+          -- even in a generic plan, which cannot know the LIMIT and would scan the table.
+          WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16))
             AND q.status = 'queued'
           FOR UPDATE SKIP LOCKED) w
 ), next AS (

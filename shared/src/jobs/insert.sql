@@ -12,8 +12,8 @@ WITH recent AS (
         WHERE user_id = $2 AND created_at > now() - interval '60 seconds'
         ORDER BY created_at DESC LIMIT $11) r
 ), mine_queued AS (
-    SELECT count(*) AS n FROM (
-        SELECT 1 FROM generation_jobs WHERE user_id = $2 AND status = 'queued' LIMIT $12) q
+    -- No LIMIT: with one, a generic plan guesses a tenth of the table and scans it all.
+    SELECT count(*) AS n FROM generation_jobs WHERE user_id = $2 AND status = 'queued'
 ), allowed AS (
     SELECT (SELECT n FROM recent) < $11 AND (SELECT n FROM mine_queued) < $12 AS ok
 ), head AS (
