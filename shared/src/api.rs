@@ -895,7 +895,8 @@ async fn provider_callback(
     let attempt: Option<i32> = param("attempt").and_then(|a| a.parse().ok());
     let authentic = match (attempt, param("token")) {
         (Some(attempt), Some(token)) => {
-            crate::callbacks::verify(&app.config.provider.callback_secret, id, attempt, token)
+            let secret = app.config.provider.callback_secret.as_ref();
+            secret.is_some_and(|secret| crate::callbacks::verify(secret, id, attempt, token))
         }
         _ => false,
     };

@@ -3,7 +3,7 @@
 //! secret, needs nothing stored, and is checked in constant time. A token for an earlier attempt
 //! is still authentic but names an attempt that is no longer current, so it changes nothing.
 
-use aws_lc_rs::{hmac, rand::SecureRandom};
+use aws_lc_rs::hmac;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use uuid::Uuid;
 
@@ -37,15 +37,6 @@ pub fn url(base: &str, secret: &Secret, job_id: Uuid, attempt: i32) -> String {
         "{base}/api/webhooks/modelslab/{job_id}?attempt={attempt}&token={}",
         token(secret, job_id, attempt)
     )
-}
-
-/// 32 random bytes, base64: a key for when none is configured and none is needed.
-pub fn random_secret() -> String {
-    let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .expect("the system random source works");
-    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]

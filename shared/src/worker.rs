@@ -329,20 +329,14 @@ async fn generate_with_heartbeat(
         Ok(inputs) => inputs,
         Err(e) => return Some(Err(e)),
     };
-    let callback = app
-        .config
-        .provider
-        .callback_base_url
-        .as_deref()
-        .map(|base| Callback {
-            url: crate::callbacks::url(
-                base,
-                &app.config.provider.callback_secret,
-                claim.job.id,
-                claim.attempt(),
-            ),
+    let provider = &app.config.provider;
+    let callback = match (&provider.callback_base_url, &provider.callback_secret) {
+        (Some(base), Some(secret)) => Some(Callback {
+            url: crate::callbacks::url(base, secret, claim.job.id, claim.attempt()),
             track_id: claim.job.id.to_string(),
-        });
+        }),
+        _ => None,
+    };
     let (progress, watch) = Progress::channel();
     let generate = app
         .generator

