@@ -327,8 +327,8 @@ impl Config {
             )?
             .min(max_concurrent_jobs),
             quota: crate::jobs::Quota {
-                per_minute: number(&lookup, "RATE_LIMIT_PER_MINUTE", 60, 1..=1_000_000)?,
-                max_queued: number(&lookup, "MAX_QUEUED_PER_USER", 100, 1..=1_000_000)?,
+                per_minute: number(&lookup, "RATE_LIMIT_PER_MINUTE", 60, 0..=1_000_000)?,
+                max_queued: number(&lookup, "MAX_QUEUED_PER_USER", 100, 0..=1_000_000)?,
             },
             job_max_attempts: number(&lookup, "JOB_MAX_ATTEMPTS", 3, 1..=100)?,
             job_lease: Duration::from_secs(

@@ -6,16 +6,17 @@
 -- queued_ahead counts the queued jobs that will start before this one (its position - 1).
 -- Abuse limits come first: a user who created $11 jobs in the last minute, or has $12 queued,
 -- gets no row inserted; recent_jobs and recent_oldest then say which limit and for how long.
+-- A limit of 0 is off, and then its count is not even made.
 WITH recent AS (
     SELECT count(*) AS n, min(created_at) AS oldest FROM (
         SELECT created_at FROM generation_jobs
-        WHERE user_id = $2 AND created_at > now() - interval '60 seconds'
+        WHERE $11::int8 > 0 AND user_id = $2 AND created_at > now() - interval '60 seconds'
         ORDER BY created_at DESC LIMIT $11) r
 ), mine_queued AS (
     -- No LIMIT: with one, a generic plan guesses a tenth of the table and scans it all.
-    SELECT count(*) AS n FROM generation_jobs WHERE user_id = $2 AND status = 'queued'
+    SELECT count(*) AS n FROM generation_jobs WHERE $12::int8 > 0 AND user_id = $2 AND status = 'queued'
 ), allowed AS (
-    SELECT (SELECT n FROM recent) < $11 AND (SELECT n FROM mine_queued) < $12 AS ok
+    SELECT ($11 = 0 OR (SELECT n FROM recent) < $11) AND ($12 = 0 OR (SELECT n FROM mine_queued) < $12) AS ok
 ), head AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
 ), user_jobs AS (

@@ -46,7 +46,7 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Per-user abuse limits on job creation.
+/// Per-user abuse limits on job creation; 0 turns a limit off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
     pub per_minute: u32,
@@ -56,8 +56,8 @@ pub struct Quota {
 impl Quota {
     /// For callers that are not users: tests, tools, benchmarks.
     pub const UNLIMITED: Quota = Quota {
-        per_minute: u32::MAX,
-        max_queued: u32::MAX,
+        per_minute: 0,
+        max_queued: 0,
     };
 }
 
@@ -212,8 +212,9 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
         .await?;
     let Some(created_at) = row.try_get::<_, Option<DateTime<Utc>>>("created_at")? else {
         let recent: i64 = row.try_get("recent_jobs")?;
+        let per_minute = i64::from(new.quota.per_minute);
         return Err(JobsError::Refused(
-            if recent >= new.quota.per_minute as i64 {
+            if per_minute > 0 && recent >= per_minute {
                 let oldest: Option<DateTime<Utc>> = row.try_get("recent_oldest")?;
                 let free_at = oldest.unwrap_or_else(Utc::now) + chrono::Duration::seconds(60);
                 Refusal::RateLimited {
