@@ -537,13 +537,14 @@ async fn a_malformed_answer_is_retryable() {
     first_attempt_is_retryable(&p, answer, "not its JSON").await;
 }
 
-#[tokio::test]
-async fn an_invalid_key_fails_the_job_at_once_with_the_providers_message() {
+/// Starts a character job against a provider refusing it with `status` and `message`, and
+/// checks that the job failed at once, keeping the provider's message and never the key.
+async fn first_attempt_fails_with(status: u16, message: &str) {
     let p = Provider::start(&[]).await;
     p.answer(
         "/api/v6/images/text2img",
-        401,
-        json!({ "status": "error", "message": "Invalid API key" }),
+        status,
+        json!({ "status": "error", "message": message }),
     )
     .await;
     let id = p
@@ -551,30 +552,20 @@ async fn an_invalid_key_fails_the_job_at_once_with_the_providers_message() {
         .await;
     assert_eq!(p.run(id).await, Outcome::Failed);
     let row = p.row(id).await;
-    assert!(row
-        .get::<_, String>("error_message")
-        .contains("Invalid API key"));
-    assert!(!row.get::<_, String>("error_message").contains(KEY));
+    let kept: String = row.get("error_message");
+    assert!(kept.contains(message), "{kept}");
+    assert!(!kept.contains(KEY));
+    assert_eq!(row.get::<_, i32>("attempts"), 1);
+}
+
+#[tokio::test]
+async fn an_invalid_key_fails_the_job_at_once_with_the_providers_message() {
+    first_attempt_fails_with(401, "Invalid API key").await;
 }
 
 #[tokio::test]
 async fn a_validation_error_fails_the_job_with_the_providers_message() {
-    let p = Provider::start(&[]).await;
-    p.answer(
-        "/api/v6/images/text2img",
-        400,
-        json!({ "status": "error", "message": "width must be between 256 and 1024" }),
-    )
-    .await;
-    let id = p
-        .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
-        .await;
-    assert_eq!(p.run(id).await, Outcome::Failed);
-    assert!(p
-        .row(id)
-        .await
-        .get::<_, String>("error_message")
-        .contains("width must be between 256 and 1024"));
+    first_attempt_fails_with(400, "width must be between 256 and 1024").await;
 }
 
 #[tokio::test]

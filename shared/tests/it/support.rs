@@ -231,6 +231,24 @@ impl TestApp {
         params: serde_json::Value,
     ) -> Uuid {
         let id = Uuid::now_v7();
+        self.insert_as(id, owner, job_type, params).await;
+        id
+    }
+
+    /// Inserts a queued character job directly, as an accepted enqueue would have.
+    pub async fn insert_job(&self, id: Uuid, owner: &Identity, prompt: &str) {
+        let params = serde_json::json!({ "prompt": prompt });
+        self.insert_as(id, owner, shared::model::JobType::CharacterImage, params)
+            .await;
+    }
+
+    async fn insert_as(
+        &self,
+        id: Uuid,
+        owner: &Identity,
+        job_type: shared::model::JobType,
+        params: serde_json::Value,
+    ) {
         let conn = self.db.pool.get().await.unwrap();
         shared::jobs::insert(
             &conn,
@@ -240,27 +258,6 @@ impl TestApp {
                 job_type,
                 entity_id: Uuid::new_v4(),
                 params: &params,
-                max_attempts: 3,
-                limits: self.app.config.limits(),
-                quota: shared::jobs::Quota::UNLIMITED,
-            },
-        )
-        .await
-        .unwrap();
-        id
-    }
-
-    /// Inserts a queued job directly, as an accepted enqueue would have.
-    pub async fn insert_job(&self, id: Uuid, owner: &Identity, prompt: &str) {
-        let conn = self.db.pool.get().await.unwrap();
-        shared::jobs::insert(
-            &conn,
-            &shared::jobs::NewJob {
-                id,
-                owner,
-                job_type: shared::model::JobType::CharacterImage,
-                entity_id: Uuid::new_v4(),
-                params: &serde_json::json!({ "prompt": prompt }),
                 max_attempts: 3,
                 limits: self.app.config.limits(),
                 quota: shared::jobs::Quota::UNLIMITED,
