@@ -13,7 +13,6 @@ use crate::{
     generator::{Callback, GenerateError, Generation, Inputs, Progress},
     jobs::{self, ClaimResult, Claimed, JobsError},
     queue::{JobMessage, QueueError},
-    storage::StorageError,
     telemetry::chain,
     App,
 };
@@ -29,8 +28,6 @@ pub enum WorkerError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("job repository error")]
     Jobs(#[from] JobsError),
-    #[error("could not store the job's media")]
-    Storage(#[from] StorageError),
     #[error("could not schedule the retry")]
     Queue(#[from] QueueError),
 }

@@ -64,18 +64,54 @@ fn unsigned(claims: &Claims) -> String {
     )
 }
 
+/// One 2048-bit RSA key per test run, made here so no private key is ever committed: its
+/// signing key (PKCS#1 DER, what jsonwebtoken takes) and its public JWK.
+fn rsa() -> &'static (Vec<u8>, Value) {
+    static KEY: std::sync::OnceLock<(Vec<u8>, Value)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let pkcs8: Pkcs8V1Der = pair.as_der().unwrap();
+        let public = pair.public_key();
+        let jwk = json!({
+            "kty": "RSA", "use": "sig", "alg": "RS256", "kid": "rsa-test-1",
+            "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+            "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+        });
+        (pkcs1_of(pkcs8.as_ref()).to_vec(), jwk)
+    })
+}
+
+/// The RSAPrivateKey inside a PKCS#8 PrivateKeyInfo: SEQUENCE { INTEGER version,
+/// SEQUENCE algorithm, OCTET STRING key }.
+fn pkcs1_of(pkcs8: &[u8]) -> &[u8] {
+    // (content start, content length) of the element whose tag is at `at`.
+    fn element(der: &[u8], at: usize) -> (usize, usize) {
+        let first = der[at + 1] as usize;
+        if first < 0x80 {
+            return (at + 2, first);
+        }
+        let n = first & 0x7f;
+        let len = der[at + 2..at + 2 + n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (at + 2 + n, len)
+    }
+    let (body, _) = element(pkcs8, 0);
+    let (version, version_len) = element(pkcs8, body);
+    let (algorithm, algorithm_len) = element(pkcs8, version + version_len);
+    let key_at = algorithm + algorithm_len;
+    assert_eq!(pkcs8[key_at], 0x04, "PKCS#8 key is an OCTET STRING");
+    let (key, key_len) = element(pkcs8, key_at);
+    &pkcs8[key..key + key_len]
+}
+
 fn rsa_key() -> EncodingKey {
-    // The PEM's body is the PKCS#1 DER the key is made from.
-    let pem = include_str!("keys/rsa-test-key.pem");
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .unwrap();
-    EncodingKey::from_rsa_der(&der)
+    EncodingKey::from_rsa_der(&rsa().0)
 }
 
 fn rsa_jwk() -> Value {
-    serde_json::from_str(include_str!("keys/rsa-test-key.jwk.json")).unwrap()
+    rsa().1.clone()
 }
 
 /// A fresh P-256 key: its signing key and its public JWK.
@@ -233,7 +269,7 @@ async fn a_jwks_verifier_accepts_rs256_and_es256_from_its_keys_and_refuses_the_r
                 Algorithm::HS256,
                 Some("rsa-test-1"),
                 &good_claims(),
-                &EncodingKey::from_secret(include_bytes!("keys/rsa-test-key.jwk.json")).unwrap(),
+                &EncodingKey::from_secret(rsa_jwk().to_string().as_bytes()).unwrap(),
             ),
         ),
         (

@@ -184,7 +184,7 @@ async fn the_drive_fixtures_connect_report_and_disconnect_the_fixture_user() {
     let google = MockServer::start().await;
     Mock::given(path("/token"))
         .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
-            "access_token": "ya29.fixture", "expires_in": 3599, "token_type": "Bearer"
+            "access_token": "fake-access-token-fixture", "expires_in": 3599, "token_type": "Bearer"
         })))
         .mount(&google)
         .await;

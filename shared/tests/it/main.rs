@@ -11,7 +11,6 @@ mod provider;
 mod queue;
 mod reliability;
 mod repository;
-mod secrecy;
 mod support;
 mod template;
 mod webhooks;
