@@ -22,6 +22,9 @@ pub struct App {
     pub generator: Arc<dyn Generator>,
     pub store: MediaStore,
     pub metrics: Metrics,
+    /// The embedded queue's batching completer, while its workers run; `None` elsewhere (an
+    /// SQS worker completes each job with its own statement).
+    pub completions: Option<crate::worker::Completer>,
 }
 
 impl App {
@@ -68,6 +71,7 @@ impl App {
             generator,
             store,
             metrics: Metrics::from_env(),
+            completions: None,
         }
     }
 }

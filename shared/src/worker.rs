@@ -30,6 +30,10 @@ pub enum WorkerError {
     Jobs(#[from] JobsError),
     #[error("could not schedule the retry")]
     Queue(#[from] QueueError),
+    #[error("the batch this job's completion was written in failed")]
+    Batch(#[source] Arc<WorkerError>),
+    #[error("the completer has stopped")]
+    CompleterGone,
 }
 
 /// What became of one delivery.
@@ -148,6 +152,18 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
 
 /// Runs a claimed job to its next state. Every transition is fenced by the claim's attempt.
 pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerError> {
+    Ok(run_claimed_then(app, claim, false).await?.0)
+}
+
+/// Runs a claimed job as [`run_claimed`] does. With `take_next`, a completion written by the
+/// batching completer also claims, in the same commit, a job for the slot it frees: that job is
+/// returned, to run on this job's permit (no idle slot, no second commit).
+async fn run_claimed_then(
+    app: &App,
+    claim: Claimed,
+    take_next: bool,
+) -> Result<(Outcome, Option<Claimed>), WorkerError> {
+    let mut next = None;
     let job_id = claim.job.id;
     let job_type = claim.job.job_type;
     let started = std::time::Instant::now();
@@ -166,15 +182,16 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
                 "JobsSuperseded",
                 started.elapsed().as_secs_f64() * 1e3,
             );
-            return Ok(Outcome::Superseded);
+            return Ok((Outcome::Superseded, None));
         }
     };
-    let conn = app.pool.get().await?;
+    // A connection is taken only for each write, never held while media are stored or while a
+    // completion waits for its batch.
     let outcome = match generated {
         Ok(Generation::Done(files)) if files.is_empty() => {
             settle_failure(
                 app,
-                &conn,
+                &app.pool.get().await?,
                 &claim,
                 GenerateError::Fatal("the generator returned no media".into()),
             )
@@ -188,11 +205,10 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
             {
                 Ok(media) => {
                     let credits = app.config.credits.for_type(job_type);
-                    let settled =
-                        jobs::complete(&conn, &claim, &media, app.generator.model(), credits)
-                            .await?;
-                    if settled.applied() {
-                        nudge(app, settled).await;
+                    let (applied, handed) =
+                        complete(app, &claim, &media, credits, take_next).await?;
+                    next = handed;
+                    if applied {
                         Outcome::Completed
                     } else {
                         app.store
@@ -209,7 +225,7 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
                     } else {
                         GenerateError::Fatal(message)
                     };
-                    settle_failure(app, &conn, &claim, error).await?
+                    settle_failure(app, &app.pool.get().await?, &claim, error).await?
                 }
             }
         }
@@ -224,7 +240,13 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
                 ),
                 hold_slot: provider.hold_slots,
             };
-            let settled = jobs::submitted(&conn, &claim, &submission.external_id, followup).await?;
+            let settled = jobs::submitted(
+                &app.pool.get().await?,
+                &claim,
+                &submission.external_id,
+                followup,
+            )
+            .await?;
             if settled.applied() {
                 tracing::info!(%job_id, external_id = %submission.external_id, eta_s = ?submission.eta.map(|d| d.as_secs()), "submitted to the provider");
                 nudge(app, settled).await;
@@ -236,7 +258,7 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
         Err(e) => {
             app.metrics
                 .provider_error(job_type, matches!(e, GenerateError::Retryable(_)));
-            settle_failure(app, &conn, &claim, e).await?
+            settle_failure(app, &app.pool.get().await?, &claim, e).await?
         }
     };
     let metric = match outcome {
@@ -254,7 +276,166 @@ pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerErr
     {
         crate::webhooks::deliver_now(app, job_id).await;
     }
-    Ok(outcome)
+    Ok((outcome, next))
+}
+
+/// Completes the job: through the batching completer when the embedded queue runs one, else
+/// with its own statement, handing the freed slot on. Returns whether the completion applied,
+/// and the job claimed for its slot when `take_next` asked the completer for one.
+async fn complete(
+    app: &App,
+    claim: &Claimed,
+    media: &[jobs::NewMedia],
+    credits: i32,
+    take_next: bool,
+) -> Result<(bool, Option<Claimed>), WorkerError> {
+    if let Some(completer) = &app.completions {
+        let completion = jobs::Completion {
+            job_id: claim.job.id,
+            attempt: claim.attempt(),
+            media: media.to_vec(),
+            credits,
+        };
+        return completer.complete(completion, take_next).await;
+    }
+    let conn = app.pool.get().await?;
+    let settled = jobs::complete(&conn, claim, media, app.generator.model(), credits).await?;
+    if settled.applied() {
+        nudge(app, settled).await;
+    }
+    Ok((settled.applied(), None))
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<(bool, Option<Claimed>), Arc<WorkerError>>>;
+
+struct Finished {
+    completion: jobs::Completion,
+    take_next: bool,
+    reply: Reply,
+}
+
+/// Writes the embedded queue's completions in batches: one transaction and one commit for
+/// every job that finished while the previous batch was being written. Under load a commit
+/// carries many jobs; at a trickle a job finds the completer idle and is written at once,
+/// alone. In the same commit it claims a job for each slot a completion freed, and hands it to
+/// that job's worker, so a busy queue needs no separate claim (and no second commit) per job.
+#[derive(Clone)]
+pub struct Completer {
+    tx: tokio::sync::mpsc::UnboundedSender<Finished>,
+}
+
+/// At most this many jobs per completion statement (the slots bound it anyway).
+const MAX_COMPLETION_BATCH: usize = 256;
+
+impl Completer {
+    /// Starts the completer's task; it ends once every handle is dropped. `claiming` is held
+    /// by whoever claims jobs for the embedded queue, so that claims never run concurrently:
+    /// two at once would each count a user's slots without the other's and could exceed
+    /// MAX_ACTIVE_PER_USER.
+    pub fn start(app: &App, claiming: Arc<tokio::sync::Mutex<()>>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+        let app = app.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_COMPLETION_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                match write_batch(&app, &claiming, &batch).await {
+                    Ok((applied, claimed)) => {
+                        let mut claimed = claimed.into_iter();
+                        for finished in batch {
+                            let done = applied.contains(&finished.completion.job_id);
+                            let next = if done && finished.take_next {
+                                claimed.next()
+                            } else {
+                                None
+                            };
+                            let _ = finished.reply.send(Ok((done, next)));
+                        }
+                        // claim_next returns no more than asked for, one per taker.
+                        debug_assert!(claimed.next().is_none());
+                    }
+                    Err(e) => {
+                        tracing::warn!(jobs = batch.len(), error = %chain(&e), "a completion batch failed; its jobs stay processing until their leases expire");
+                        let e = Arc::new(e);
+                        for finished in batch {
+                            let _ = finished.reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Completer { tx }
+    }
+
+    /// Completes the job with the next batch: whether its completion applied, and with
+    /// `take_next` the job claimed for its slot, if one was waiting.
+    pub async fn complete(
+        &self,
+        completion: jobs::Completion,
+        take_next: bool,
+    ) -> Result<(bool, Option<Claimed>), WorkerError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Finished {
+                completion,
+                take_next,
+                reply,
+            })
+            .map_err(|_| WorkerError::CompleterGone)?;
+        answer
+            .await
+            .map_err(|_| WorkerError::CompleterGone)?
+            .map_err(WorkerError::Batch)
+    }
+}
+
+/// One completer round: the batch's completions, then claims for the slots they freed, in one
+/// transaction. A failed claim is rolled back to its savepoint; the completions still commit.
+async fn write_batch(
+    app: &App,
+    claiming: &tokio::sync::Mutex<()>,
+    batch: &[Finished],
+) -> Result<(std::collections::HashSet<uuid::Uuid>, Vec<Claimed>), WorkerError> {
+    let completions: Vec<jobs::Completion> = batch.iter().map(|f| f.completion.clone()).collect();
+    let mut conn = app.pool.get().await?;
+    let mut tx = conn.transaction().await.map_err(JobsError::from)?;
+    let applied = jobs::complete_many(&tx, &completions, app.generator.model()).await?;
+    let wanted = batch
+        .iter()
+        .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
+        .count();
+    if wanted == 0 {
+        tx.commit().await.map_err(JobsError::from)?;
+        return Ok((applied, Vec::new()));
+    }
+    let _claiming = claiming.lock().await;
+    let claim = tx.savepoint("claim").await.map_err(JobsError::from)?;
+    let claimed = match jobs::claim_next(
+        &claim,
+        wanted as i64,
+        app.config.job_lease,
+        app.config.limits(),
+    )
+    .await
+    {
+        Ok(claimed) => {
+            claim.commit().await.map_err(JobsError::from)?;
+            claimed
+        }
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; the claimer will take those slots");
+            claim.rollback().await.map_err(JobsError::from)?;
+            Vec::new()
+        }
+    };
+    // Committed while the claim lock is held, so the next claim sees these slots taken.
+    tx.commit().await.map_err(JobsError::from)?;
+    Ok((applied, claimed))
 }
 
 async fn settle_failure(
@@ -422,11 +603,21 @@ async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateEr
 /// The embedded queue: claims the oldest queued jobs straight from the table, at most
 /// `MAX_CONCURRENT_JOBS` at a time, until `shutdown` resolves.
 pub async fn run_embedded(
-    app: App,
+    mut app: App,
     wake: Arc<tokio::sync::Notify>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     const IDLE_POLL: Duration = Duration::from_millis(500);
+    let claiming = Arc::new(tokio::sync::Mutex::new(()));
+    app.completions = Some(Completer::start(&app, claiming.clone()));
+    // Once this loop returns, workers finish the jobs they hold but take no new ones.
+    struct Stopping(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Stopping {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stopping = Stopping(Arc::new(std::sync::atomic::AtomicBool::new(false)));
     let slots = Arc::new(Semaphore::new(app.config.max_concurrent_jobs as usize));
     tokio::pin!(shutdown);
     loop {
@@ -435,19 +626,25 @@ pub async fn run_embedded(
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             _ = &mut shutdown => return,
         };
+        // Jobs completed in one batch free their permits together: let them all land, so one
+        // claim takes their slots at once.
+        tokio::task::yield_now().await;
         let mut permits = vec![first];
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
         let claimed = match app.pool.get().await {
-            Ok(conn) => jobs::claim_next(
-                &conn,
-                permits.len() as i64,
-                app.config.job_lease,
-                app.config.limits(),
-            )
-            .await
-            .map_err(WorkerError::from),
+            Ok(conn) => {
+                let _claiming = claiming.lock().await;
+                jobs::claim_next(
+                    &conn,
+                    permits.len() as i64,
+                    app.config.job_lease,
+                    app.config.limits(),
+                )
+                .await
+                .map_err(WorkerError::from)
+            }
             Err(e) => Err(e.into()),
         };
         let claimed = claimed.unwrap_or_else(|e| {
@@ -465,20 +662,29 @@ pub async fn run_embedded(
         }
         // claim_next never returns more jobs than it was asked for, so each has a permit.
         debug_assert!(claimed.len() <= permits.len());
-        // One claimer (this loop) keeps the start order exactly the order positions promised;
-        // concurrent claimers would skip each other's locked rows and start later jobs first.
+        // Claims are serialised (this loop and the completer take `claiming`), which keeps the
+        // start order the order positions promised; concurrent claimers would skip each
+        // other's locked rows and start later jobs first.
         for (claim, permit) in claimed.into_iter().zip(permits.drain(..)) {
-            let app = app.clone();
-            let span = tracing::info_span!("job", job_id = %claim.job.id);
-            tokio::spawn(
-                async move {
-                    if let Err(e) = run_claimed(&app, claim).await {
-                        tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires");
+            let (app, stopping) = (app.clone(), stopping.0.clone());
+            tokio::spawn(async move {
+                // A job claimed with this one's completion runs on the same permit.
+                let mut next = Some(claim);
+                while let Some(claim) = next.take() {
+                    let span = tracing::info_span!("job", job_id = %claim.job.id);
+                    let take_next = !stopping.load(std::sync::atomic::Ordering::Relaxed);
+                    match run_claimed_then(&app, claim, take_next)
+                        .instrument(span)
+                        .await
+                    {
+                        Ok((_, handed)) => next = handed,
+                        Err(e) => {
+                            tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires")
+                        }
                     }
-                    drop(permit);
                 }
-                .instrument(span),
-            );
+                drop(permit);
+            });
         }
     }
 }

@@ -409,6 +409,72 @@ pub async fn complete(
     settled(row)
 }
 
+/// One finished job for [`complete_many`].
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub media: Vec<NewMedia>,
+    pub credits: i32,
+}
+
+/// Completes many jobs in one statement and one commit, each fenced by its own attempt as in
+/// [`complete`]. Returns the ids of the jobs whose completion applied; the others changed
+/// nothing and had none of their media written. Names no next job in line for the freed slots
+/// (the embedded claimer takes them from the table).
+pub async fn complete_many(
+    db: &impl GenericClient,
+    jobs: &[Completion],
+    model: &str,
+) -> Result<std::collections::HashSet<Uuid>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("complete_batch.sql"))
+        .await?;
+    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
+    let credits: Vec<i32> = jobs.iter().map(|j| j.credits).collect();
+    let media = || {
+        jobs.iter().flat_map(|j| {
+            j.media
+                .iter()
+                .enumerate()
+                .map(move |(ordinal, m)| (j.job_id, ordinal as i16, m))
+        })
+    };
+    let media_job: Vec<Uuid> = media().map(|(job, _, _)| job).collect();
+    let media_ids: Vec<Uuid> = media().map(|(_, _, m)| m.id).collect();
+    let ordinals: Vec<i16> = media().map(|(_, o, _)| o).collect();
+    let media_types: Vec<&str> = media().map(|(_, _, m)| m.media_type).collect();
+    let mime_types: Vec<&str> = media().map(|(_, _, m)| m.mime_type).collect();
+    let storages: Vec<&str> = media().map(|(_, _, m)| m.storage).collect();
+    let keys: Vec<&str> = media().map(|(_, _, m)| m.storage_key.as_str()).collect();
+    let urls: Vec<&str> = media().map(|(_, _, m)| m.public_url.as_str()).collect();
+    let widths: Vec<Option<i32>> = media().map(|(_, _, m)| m.width).collect();
+    let heights: Vec<Option<i32>> = media().map(|(_, _, m)| m.height).collect();
+    let sizes: Vec<i64> = media().map(|(_, _, m)| m.size_bytes).collect();
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &ids,
+        &attempts,
+        &credits,
+        &media_job,
+        &media_ids,
+        &ordinals,
+        &media_types,
+        &mime_types,
+        &storages,
+        &keys,
+        &urls,
+        &widths,
+        &heights,
+        &sizes,
+        &model,
+    ];
+    let rows = retrying(|| db.query(&stmt, params)).await?;
+    rows.iter()
+        .map(|r| r.try_get::<_, Uuid>(0).map_err(JobsError::from))
+        .collect()
+}
+
 /// Fails the job for good, keeping the attempt's error.
 pub async fn fail(
     db: &impl GenericClient,

@@ -813,3 +813,89 @@ async fn a_user_at_the_per_user_limit_waits_while_others_use_the_free_slots() {
         vec![alices[2]]
     );
 }
+
+#[tokio::test]
+async fn the_embedded_queue_keeps_the_per_user_limit_while_completions_hand_slots_on() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::from_millis(30),
+        &[("MAX_CONCURRENT_JOBS", "4"), ("MAX_ACTIVE_PER_USER", "2")],
+    )
+    .await;
+    let (alice, bob) = (user("alice", None), user("bob", None));
+    for i in 0..10 {
+        let owner = if i < 8 { &alice } else { &bob };
+        t.insert_job(Uuid::now_v7(), owner, "hand-off").await;
+    }
+    let Dispatcher::Embedded { wake } = t.app.queue.clone() else {
+        unreachable!()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn(shared::worker::run_embedded(
+        t.app.clone(),
+        wake,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let conn = t.db.pool.get().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let done: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM generation_jobs WHERE status = 'completed'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    runner.await.unwrap();
+
+    // Each job held its slot from its claim (started_at) to its completion; a job handed a
+    // slot by a completion starts at that completion's very timestamp, so intervals are
+    // half-open.
+    let most_at_once = |user: &'static str| {
+        let conn = &conn;
+        async move {
+            conn.query_one(
+                "SELECT coalesce(max(n), 0) FROM (
+                     SELECT (SELECT count(*) FROM generation_jobs o
+                             WHERE o.user_id = j.user_id
+                               AND o.started_at <= j.started_at AND o.completed_at > j.started_at) AS n
+                     FROM generation_jobs j WHERE j.user_id = $1) x",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let statuses: Vec<String> = conn
+        .query("SELECT status::text FROM generation_jobs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(statuses.iter().all(|s| s == "completed"), "{statuses:?}");
+    assert_eq!(t.generator.total_calls(), 10, "every job ran exactly once");
+    let alice_most = most_at_once("alice").await;
+    assert!(
+        (1..=2).contains(&alice_most),
+        "alice held {alice_most} slots at once; her limit is 2"
+    );
+    let max = t
+        .generator
+        .max_running
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=4).contains(&max),
+        "MAX_CONCURRENT_JOBS is 4, saw {max}"
+    );
+}

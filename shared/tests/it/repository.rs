@@ -188,3 +188,109 @@ async fn a_batch_claim_never_returns_more_jobs_than_asked_for_even_with_reservat
         .unwrap();
     assert_eq!(rest.len(), 3);
 }
+
+fn image(key: &str) -> shared::jobs::NewMedia {
+    shared::jobs::NewMedia {
+        id: Uuid::new_v4(),
+        media_type: "image",
+        mime_type: "image/png",
+        storage: "local",
+        storage_key: key.into(),
+        public_url: format!("http://127.0.0.1/media/{key}"),
+        width: Some(1),
+        height: Some(1),
+        size_bytes: 16,
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_others() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for id in &ids {
+        t.insert_job(*id, &alice, "batch").await;
+    }
+    let conn = t.db.pool.get().await.unwrap();
+    let (current, stale, failed) = (
+        claim(&t, ids[0]).await,
+        claim(&t, ids[1]).await,
+        claim(&t, ids[2]).await,
+    );
+    assert!(shared::jobs::fail(&conn, &failed, "given up", false)
+        .await
+        .unwrap()
+        .applied());
+    let completion =
+        |claim: &shared::jobs::Claimed, attempt: i32, media| shared::jobs::Completion {
+            job_id: claim.job.id,
+            attempt,
+            media,
+            credits: 7,
+        };
+    let two = vec![image("a-0"), image("a-1")];
+    let applied = shared::jobs::complete_many(
+        &conn,
+        &[
+            completion(&current, current.attempt(), two.clone()),
+            // An attempt that is no longer the job's (as after a rescue and a new claim).
+            completion(&stale, stale.attempt() - 1, vec![image("b-0")]),
+            completion(&failed, failed.attempt(), vec![image("c-0")]),
+        ],
+        "batch-model",
+    )
+    .await
+    .unwrap();
+    assert_eq!(applied, [current.job.id].into_iter().collect());
+
+    let row = t.job_row(current.job.id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i16>("progress"), 100);
+    assert_eq!(
+        row.get::<_, Option<Uuid>>("result_media_id"),
+        Some(two[0].id)
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>("model_used").as_deref(),
+        Some("batch-model")
+    );
+    let media: Vec<(Uuid, i16)> = conn
+        .query(
+            "SELECT job_id, ordinal FROM generated_media ORDER BY job_id, ordinal",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        media,
+        [(current.job.id, 0), (current.job.id, 1)],
+        "only the applied job's media were written, in their order"
+    );
+    assert_eq!(t.status_of(stale.job.id).await, "processing");
+    assert_eq!(t.status_of(failed.job.id).await, "failed");
+    let held: Vec<Uuid> = conn
+        .query("SELECT job_id FROM job_slots WHERE job_id IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        held,
+        [stale.job.id],
+        "the completed job's slot is free again"
+    );
+
+    // A repeat of the same batch (a late duplicate) changes nothing.
+    let again = shared::jobs::complete_many(
+        &conn,
+        &[completion(&current, current.attempt(), vec![image("a-2")])],
+        "batch-model",
+    )
+    .await
+    .unwrap();
+    assert!(again.is_empty());
+}

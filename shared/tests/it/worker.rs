@@ -335,3 +335,68 @@ async fn a_completion_from_an_attempt_that_lost_its_job_changes_nothing() {
         Outcome::Completed
     );
 }
+
+#[tokio::test]
+async fn jobs_finishing_together_complete_through_the_batching_completer_and_a_stale_one_is_superseded(
+) {
+    let mut t = TestApp::embedded().await;
+    t.app.completions = Some(shared::worker::Completer::start(
+        &t.app,
+        std::sync::Arc::new(tokio::sync::Mutex::new(())),
+    ));
+    let alice = user("alice", None);
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &alice, "together").await;
+        ids.push(id);
+    }
+    let mut claims = Vec::new();
+    for id in &ids {
+        claims.push(claim(&t, *id).await);
+    }
+    // The last job is taken from its attempt (as a rescue would) and claimed again.
+    let conn = t.db.pool.get().await.unwrap();
+    let lost = ids[7];
+    conn.execute(
+        "UPDATE generation_jobs SET status = 'queued', lease_expires_at = NULL WHERE id = $1",
+        &[&lost],
+    )
+    .await
+    .unwrap();
+    let current = claim(&t, lost).await;
+
+    let outcomes = futures::future::join_all(
+        claims
+            .into_iter()
+            .map(|c| shared::worker::run_claimed(&t.app, c)),
+    )
+    .await;
+    for (id, outcome) in ids.iter().zip(&outcomes) {
+        let expected = if *id == lost {
+            Outcome::Superseded
+        } else {
+            Outcome::Completed
+        };
+        assert_eq!(outcome.as_ref().unwrap(), &expected, "job {id}");
+    }
+    for id in &ids[..7] {
+        let row = t.job_row(*id).await;
+        assert_eq!(row.get::<_, String>("status"), "completed");
+        assert!(row.get::<_, Option<Uuid>>("result_media_id").is_some());
+    }
+    let media_of_lost: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM generated_media WHERE job_id = $1",
+            &[&lost],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(media_of_lost, 0, "the stale attempt wrote no media rows");
+    assert_eq!(t.status_of(lost).await, "processing");
+    assert_eq!(
+        shared::worker::run_claimed(&t.app, current).await.unwrap(),
+        Outcome::Completed
+    );
+}
