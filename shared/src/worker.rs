@@ -47,6 +47,10 @@ pub enum Outcome {
     },
     /// The job was not claimable (unknown, finished, or already running): acknowledged, not run.
     NotClaimable,
+    /// Every slot it may use is held: acknowledged. The worker whose job frees a slot for it
+    /// runs it (it is named next in line by that transition); if that chain ever breaks, the
+    /// outbox re-sends its message after OUTBOX_GRACE_SECONDS.
+    Waiting,
     /// The job is waiting for a slot or for its backoff: the message is hidden for `delay` and
     /// delivered again then.
     Deferred {
@@ -61,10 +65,20 @@ pub enum Outcome {
 /// Handles an SQS batch: each record has its own span and outcome, and only the records that
 /// must be delivered again are reported (`ReportBatchItemFailures`).
 pub async fn handle_sqs(app: &App, event: SqsEvent) -> SqsBatchResponse {
+    handle_sqs_until(app, event, None).await
+}
+
+/// [`handle_sqs`] within an invocation that ends at `deadline`: a worker runs the jobs its own
+/// jobs free slots for only while enough of the invocation is left.
+pub async fn handle_sqs_until(
+    app: &App,
+    event: SqsEvent,
+    deadline: Option<std::time::Instant>,
+) -> SqsBatchResponse {
     let outcomes = futures::future::join_all(event.records.iter().map(|record| {
         let message_id = record.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("record", message_id = %message_id, job_id = field::Empty);
-        async move { (record, process_record(app, record).await) }.instrument(span)
+        async move { (record, process_record(app, record, deadline).await) }.instrument(span)
     }))
     .await;
     let mut response = SqsBatchResponse::default();
@@ -104,10 +118,11 @@ pub async fn handle_sqs(app: &App, event: SqsEvent) -> SqsBatchResponse {
     response
 }
 
-/// The queue's maxReceiveCount (template.yaml). A job waiting for a slot is redelivered with a
-/// backoff that doubles per receive up to 7.5-15 minutes, so this many receives tolerate at
-/// least a day of throttling before a healthy job's message could be dead-lettered; the outbox
-/// re-sends any queued job whose message is gone even then.
+/// The queue's maxReceiveCount (template.yaml). A message comes back only while its job backs
+/// off (hidden until due) or after its record failed (a backoff that doubles per receive up to
+/// 7.5-15 minutes), so this many receives tolerate at least a day of trouble before a healthy
+/// job's message could be dead-lettered; the outbox re-sends any queued job whose message is
+/// gone even then.
 pub const MAX_RECEIVE_COUNT: u32 = 200;
 
 /// How soon an unreadable message is delivered again, so it reaches the DLQ in minutes.
@@ -121,7 +136,11 @@ fn receive_count(record: &SqsMessage) -> i32 {
         .unwrap_or(1)
 }
 
-async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, WorkerError> {
+async fn process_record(
+    app: &App,
+    record: &SqsMessage,
+    deadline: Option<std::time::Instant>,
+) -> Result<Outcome, WorkerError> {
     let message: JobMessage = serde_json::from_str(record.body.as_deref().unwrap_or(""))
         .map_err(WorkerError::BadMessage)?;
     tracing::Span::current().record("job_id", field::display(message.job_id));
@@ -136,11 +155,15 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
         .await?
     };
     match claim {
-        ClaimResult::Claimed(claim) => run_claimed(app, claim).await,
+        ClaimResult::Claimed(claim) => {
+            let (outcome, next) = run_claimed_then(app, claim, Handoff::Return).await?;
+            if let Some(Next::Waiting(next)) = next {
+                run_chain(app, next, deadline).await;
+            }
+            Ok(outcome)
+        }
         ClaimResult::NotClaimable => Ok(Outcome::NotClaimable),
-        ClaimResult::NoSlot => Ok(Outcome::Deferred {
-            delay: retry_delay(receive_count(record)),
-        }),
+        ClaimResult::NoSlot => Ok(Outcome::Waiting),
         ClaimResult::NotDue(at) => {
             let wait = (at - chrono::Utc::now()).to_std().unwrap_or_default();
             Ok(Outcome::Deferred {
@@ -150,19 +173,92 @@ async fn process_record(app: &App, record: &SqsMessage) -> Result<Outcome, Worke
     }
 }
 
-/// Runs a claimed job to its next state. Every transition is fenced by the claim's attempt.
-pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerError> {
-    Ok(run_claimed_then(app, claim, false).await?.0)
+/// The instant a Lambda invocation ends, from its context's deadline (ms since the epoch).
+pub fn invocation_deadline(epoch_ms: u64) -> std::time::Instant {
+    let end = std::time::UNIX_EPOCH + Duration::from_millis(epoch_ms);
+    let left = end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    std::time::Instant::now() + left
 }
 
-/// Runs a claimed job as [`run_claimed`] does. With `take_next`, a completion written by the
-/// batching completer also claims, in the same commit, a job for the slot it frees: that job is
-/// returned, to run on this job's permit (no idle slot, no second commit).
+/// A worker with at least this much of its invocation left runs the next job in line itself
+/// when its own job frees the slot (the worker function's timeout is 120 s); with less, it
+/// sends that job a message instead, for another invocation.
+const CHAIN_NEEDS: Duration = Duration::from_secs(60);
+
+/// Runs the jobs that finishing jobs free slots for, one after another in this worker, instead
+/// of messaging each: no SQS request and no idle slot between them. Stops when no job is
+/// waiting, when another worker took the slot, or when the invocation is nearly over.
+async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::Instant>) {
+    loop {
+        let time_left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        if time_left.is_some_and(|left| left < CHAIN_NEEDS) {
+            nudge(app, jobs::Settled::Applied { next: Some(next) }).await;
+            return;
+        }
+        let claim = async {
+            let conn = app.pool.get().await?;
+            Ok::<_, WorkerError>(
+                jobs::claim_by_id(&conn, next, app.config.job_lease, app.config.limits()).await?,
+            )
+        }
+        .await;
+        let claim = match claim {
+            Ok(ClaimResult::Claimed(claim)) => claim,
+            // Another worker's claim got there first, or the job is gone: nothing owed here.
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(job_id = %next, error = %chain(&e), "could not claim the next job in line; sending it a message");
+                nudge(app, jobs::Settled::Applied { next: Some(next) }).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("chained", job_id = %next);
+        match run_claimed_then(app, claim, Handoff::Return)
+            .instrument(span)
+            .await
+        {
+            Ok((_, Some(Next::Waiting(after)))) => next = after,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(job_id = %next, error = %chain(&e), "chained job run failed; it stays processing until its lease expires");
+                return;
+            }
+        }
+    }
+}
+
+/// What a worker does with a slot its job's transition frees, when a job is waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// Send that job a message (the embedded queue: wake its claimer).
+    Message,
+    /// Return it to the caller, which runs it itself (an SQS worker's chain).
+    Return,
+    /// Have the batching completer claim it with the completion (the embedded queue's workers).
+    Completer,
+}
+
+/// The job a finished job's worker runs next.
+enum Next {
+    /// Claimed by the completer with the completion: run it.
+    Claimed(Claimed),
+    /// Named next in line for the freed slot: claim it, then run it.
+    Waiting(uuid::Uuid),
+}
+
+/// Runs a claimed job to its next state. Every transition is fenced by the claim's attempt.
+pub async fn run_claimed(app: &App, claim: Claimed) -> Result<Outcome, WorkerError> {
+    Ok(run_claimed_then(app, claim, Handoff::Message).await?.0)
+}
+
+/// Runs a claimed job as [`run_claimed`] does, handing the slot it frees on as `handoff` says.
 async fn run_claimed_then(
     app: &App,
     claim: Claimed,
-    take_next: bool,
-) -> Result<(Outcome, Option<Claimed>), WorkerError> {
+    handoff: Handoff,
+) -> Result<(Outcome, Option<Next>), WorkerError> {
     let mut next = None;
     let job_id = claim.job.id;
     let job_type = claim.job.job_type;
@@ -194,6 +290,8 @@ async fn run_claimed_then(
                 &app.pool.get().await?,
                 &claim,
                 GenerateError::Fatal("the generator returned no media".into()),
+                handoff,
+                &mut next,
             )
             .await?
         }
@@ -205,8 +303,7 @@ async fn run_claimed_then(
             {
                 Ok(media) => {
                     let credits = app.config.credits.for_type(job_type);
-                    let (applied, handed) =
-                        complete(app, &claim, &media, credits, take_next).await?;
+                    let (applied, handed) = complete(app, &claim, &media, credits, handoff).await?;
                     next = handed;
                     if applied {
                         Outcome::Completed
@@ -225,7 +322,15 @@ async fn run_claimed_then(
                     } else {
                         GenerateError::Fatal(message)
                     };
-                    settle_failure(app, &app.pool.get().await?, &claim, error).await?
+                    settle_failure(
+                        app,
+                        &app.pool.get().await?,
+                        &claim,
+                        error,
+                        handoff,
+                        &mut next,
+                    )
+                    .await?
                 }
             }
         }
@@ -249,7 +354,7 @@ async fn run_claimed_then(
             .await?;
             if settled.applied() {
                 tracing::info!(%job_id, external_id = %submission.external_id, eta_s = ?submission.eta.map(|d| d.as_secs()), "submitted to the provider");
-                nudge(app, settled).await;
+                next = hand_on(app, settled, handoff).await;
                 Outcome::Submitted
             } else {
                 Outcome::Superseded
@@ -258,7 +363,7 @@ async fn run_claimed_then(
         Err(e) => {
             app.metrics
                 .provider_error(job_type, matches!(e, GenerateError::Retryable(_)));
-            settle_failure(app, &app.pool.get().await?, &claim, e).await?
+            settle_failure(app, &app.pool.get().await?, &claim, e, handoff, &mut next).await?
         }
     };
     let metric = match outcome {
@@ -280,15 +385,15 @@ async fn run_claimed_then(
 }
 
 /// Completes the job: through the batching completer when the embedded queue runs one, else
-/// with its own statement, handing the freed slot on. Returns whether the completion applied,
-/// and the job claimed for its slot when `take_next` asked the completer for one.
+/// with its own statement. Returns whether the completion applied, and the next job for the
+/// slot it freed when `handoff` asks for it back.
 async fn complete(
     app: &App,
     claim: &Claimed,
     media: &[jobs::NewMedia],
     credits: i32,
-    take_next: bool,
-) -> Result<(bool, Option<Claimed>), WorkerError> {
+    handoff: Handoff,
+) -> Result<(bool, Option<Next>), WorkerError> {
     if let Some(completer) = &app.completions {
         let completion = jobs::Completion {
             job_id: claim.job.id,
@@ -296,14 +401,25 @@ async fn complete(
             media: media.to_vec(),
             credits,
         };
-        return completer.complete(completion, take_next).await;
+        let take_next = handoff == Handoff::Completer;
+        let (applied, claimed) = completer.complete(completion, take_next).await?;
+        return Ok((applied, claimed.map(Next::Claimed)));
     }
     let conn = app.pool.get().await?;
     let settled = jobs::complete(&conn, claim, media, app.generator.model(), credits).await?;
-    if settled.applied() {
-        nudge(app, settled).await;
+    Ok((settled.applied(), hand_on(app, settled, handoff).await))
+}
+
+/// The job named next in line for the slot a transition freed: returned to run here, or sent
+/// a message.
+async fn hand_on(app: &App, settled: jobs::Settled, handoff: Handoff) -> Option<Next> {
+    match (settled, handoff) {
+        (jobs::Settled::Applied { next: Some(next) }, Handoff::Return) => Some(Next::Waiting(next)),
+        _ => {
+            nudge(app, settled).await;
+            None
+        }
     }
-    Ok((settled.applied(), None))
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<(bool, Option<Claimed>), Arc<WorkerError>>>;
@@ -443,6 +559,8 @@ async fn settle_failure(
     db: &impl deadpool_postgres::GenericClient,
     claim: &Claimed,
     error: GenerateError,
+    handoff: Handoff,
+    next: &mut Option<Next>,
 ) -> Result<Outcome, WorkerError> {
     let (settled, outcome) = match &error {
         GenerateError::Retryable(message) if claim.attempt() < claim.job.max_attempts => {
@@ -468,7 +586,7 @@ async fn settle_failure(
     if !settled.applied() {
         return Ok(Outcome::Superseded);
     }
-    nudge(app, settled).await;
+    *next = hand_on(app, settled, handoff).await;
     Ok(outcome)
 }
 
@@ -672,12 +790,18 @@ pub async fn run_embedded(
                 let mut next = Some(claim);
                 while let Some(claim) = next.take() {
                     let span = tracing::info_span!("job", job_id = %claim.job.id);
-                    let take_next = !stopping.load(std::sync::atomic::Ordering::Relaxed);
-                    match run_claimed_then(&app, claim, take_next)
+                    // Once stopping, a finished job only wakes the (stopped) claimer.
+                    let handoff = if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                        Handoff::Message
+                    } else {
+                        Handoff::Completer
+                    };
+                    match run_claimed_then(&app, claim, handoff)
                         .instrument(span)
                         .await
                     {
-                        Ok((_, handed)) => next = handed,
+                        Ok((_, Some(Next::Claimed(handed)))) => next = Some(handed),
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires")
                         }

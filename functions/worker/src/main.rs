@@ -10,7 +10,10 @@ async fn main() -> Result<(), Error> {
     app.metrics.cold_start("worker");
     let app = &app;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<_, std::convert::Infallible>(shared::worker::handle_sqs(app, event.payload).await)
+        let deadline = shared::worker::invocation_deadline(event.context.deadline);
+        Ok::<_, std::convert::Infallible>(
+            shared::worker::handle_sqs_until(app, event.payload, Some(deadline)).await,
+        )
     }))
     .await
 }

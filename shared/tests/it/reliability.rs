@@ -219,27 +219,22 @@ async fn a_slot_reserved_for_a_job_whose_message_never_comes_frees_itself() {
     );
 }
 
-#[tokio::test]
-async fn a_message_whose_job_has_no_slot_is_deferred_not_failed_and_not_lost() {
-    let queue = TestQueue::new().await;
-    let t = TestApp::sqs(&queue).await; // MAX_CONCURRENT_JOBS = 3
+/// Two jobs hold slots outside any worker, `reserved` holds the third (answered `direct`), and
+/// `waiting` waits behind them; `waiting`'s message has been received and acknowledged.
+async fn a_job_waiting_for_a_slot_its_message_already_acknowledged(
+    queue: &TestQueue,
+    t: &TestApp,
+) -> (Uuid, Uuid) {
     let alice = user("alice", None);
-    for _ in 0..3 {
+    for _ in 0..2 {
         let id = Uuid::now_v7();
         t.insert_job(id, &alice, "busy").await;
-        claim(&t, id).await;
+        claim(t, id).await;
     }
-    let waiting = Uuid::now_v7();
+    let (reserved, waiting) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(reserved, &alice, "reserved").await;
     t.insert_job(waiting, &alice, "wait").await;
-    // Deliver through SQS, as the event source mapping would.
-    queue
-        .client
-        .send_message()
-        .queue_url(&queue.url)
-        .message_body(job_message(waiting))
-        .send()
-        .await
-        .unwrap();
+    send(queue, waiting).await;
     let received =
         shared::worker::poll_sqs_once(&t.app, &queue.client, &queue.url, Duration::from_secs(1))
             .await
@@ -247,11 +242,84 @@ async fn a_message_whose_job_has_no_slot_is_deferred_not_failed_and_not_lost() {
     assert_eq!(received, 1);
     assert_eq!(t.status_of(waiting).await, "queued");
     assert_eq!(t.generator.calls_for(waiting), 0);
-    let (visible, in_flight, _) = queue.depth().await;
     assert_eq!(
-        (visible, in_flight),
-        (0, 1),
-        "the message is kept, hidden for its backoff"
+        queue.depth().await,
+        (0, 0, 0),
+        "the waiting job's message is acknowledged, not kept"
+    );
+    (reserved, waiting)
+}
+
+async fn send(queue: &TestQueue, id: Uuid) {
+    queue
+        .client
+        .send_message()
+        .queue_url(&queue.url)
+        .message_body(job_message(id))
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_worker_whose_job_frees_a_slot_runs_the_job_waiting_for_it_without_a_message() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::sqs(&queue).await; // MAX_CONCURRENT_JOBS = 3
+    let (reserved, waiting) =
+        a_job_waiting_for_a_slot_its_message_already_acknowledged(&queue, &t).await;
+
+    let response = shared::worker::handle_sqs(&t.app, {
+        let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
+        event.records = vec![sqs_record("m-reserved", &job_message(reserved))];
+        event
+    })
+    .await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.status_of(reserved).await, "completed");
+    assert_eq!(
+        t.status_of(waiting).await,
+        "completed",
+        "run by the same worker, next"
+    );
+    assert_eq!(t.generator.calls_for(waiting), 1);
+    assert_eq!(
+        queue.depth().await,
+        (0, 0, 0),
+        "no message was sent to hand the slot on"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_near_the_end_of_its_invocation_messages_the_next_job_instead_of_running_it() {
+    let queue = TestQueue::new().await;
+    let t = TestApp::sqs(&queue).await;
+    let (reserved, waiting) =
+        a_job_waiting_for_a_slot_its_message_already_acknowledged(&queue, &t).await;
+
+    let ten_seconds_left = std::time::Instant::now() + Duration::from_secs(10);
+    let response = shared::worker::handle_sqs_until(
+        &t.app,
+        {
+            let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
+            event.records = vec![sqs_record("m-reserved", &job_message(reserved))];
+            event
+        },
+        Some(ten_seconds_left),
+    )
+    .await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.status_of(reserved).await, "completed");
+    assert_eq!(
+        t.status_of(waiting).await,
+        "queued",
+        "left for another invocation"
+    );
+    let messages = queue.receive().await;
+    let bodies: Vec<_> = messages.iter().filter_map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        [job_message(waiting)],
+        "which its fresh message starts"
     );
 }
 
