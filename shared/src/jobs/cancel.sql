@@ -10,7 +10,7 @@ WITH job AS (
       AND status IN ('queued', 'processing')
     RETURNING id, user_id
 ), released AS (
-    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
     WHERE job_id IN (SELECT id FROM job)
     RETURNING slot
 ), next_waiting AS (

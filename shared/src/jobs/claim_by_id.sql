@@ -3,9 +3,14 @@
 -- waiting jobs in fair-share order (as many as there are free slots) and its user holds fewer
 -- than $4 slots. The job row and the slot row change in one statement, so a duplicate delivery
 -- finds nothing to claim and no slot is taken twice; a job that is not next in line waits.
+-- `(status = 'queued') IS TRUE` where a job is found by id: the plain form lets the planner
+-- serve the lookup from a partial index of queued jobs that happens to hold `id`, and with
+-- statistics taken while few jobs were queued it does, scanning that whole index for one id
+-- (measured: 3.5 ms at 10,000 queued). This form matches no partial index, so the primary key
+-- serves it.
 WITH target AS (
     SELECT id, user_id, fair_key, created_at FROM generation_jobs
-    WHERE id = $1 AND status = 'queued' AND run_after <= now()
+    WHERE id = $1 AND (status = 'queued') IS TRUE AND run_after <= now()
 ), at_limit AS (
     SELECT user_id FROM slots_held_by_user WHERE held >= $4
 ), mine AS (
@@ -40,11 +45,11 @@ WITH target AS (
         started_at = now(),
         lease_expires_at = now() + make_interval(secs => $2),
         updated_at = now()
-    WHERE id IN (SELECT id FROM target) AND status = 'queued' AND EXISTS (SELECT 1 FROM chosen)
+    WHERE id IN (SELECT id FROM target) AND (status = 'queued') IS TRUE AND EXISTS (SELECT 1 FROM chosen)
     RETURNING id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at, lease_expires_at
 ), held AS (
     UPDATE job_slots s
-    SET job_id = claimed.id, lease_expires_at = claimed.lease_expires_at
+    SET job_id = claimed.id, user_id = claimed.user_id, lease_expires_at = claimed.lease_expires_at
     FROM claimed
     WHERE s.slot = (SELECT slot FROM chosen LIMIT 1)
     RETURNING s.slot

@@ -30,7 +30,7 @@ WITH job AS (
     WHERE id IN (SELECT id FROM job)
     RETURNING id, user_id, completed_at
 ), released AS (
-    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
     WHERE job_id IN (SELECT id FROM done)
     RETURNING slot
 ), next_waiting AS (

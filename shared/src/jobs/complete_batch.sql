@@ -9,7 +9,8 @@ WITH input AS (
     -- Locked in id order, so two batches (or a batch and a single transition) never deadlock.
     SELECT j.id, j.user_id, j.tenant_id, input.credits
     FROM generation_jobs j JOIN input ON input.id = j.id AND input.attempt = j.attempts
-    WHERE j.status = 'processing'
+    -- By primary key, whatever the plan thinks the table's size is.
+    WHERE j.id = ANY ($1) AND j.status = 'processing'
     ORDER BY j.id
     FOR UPDATE OF j
 ), media AS (
@@ -35,10 +36,10 @@ WITH input AS (
         completed_at = now(),
         updated_at = now()
     FROM job JOIN media ON media.job_id = job.id AND media.ordinal = 0
-    WHERE j.id = job.id
+    WHERE j.id = ANY ($1) AND j.id = job.id
     RETURNING j.id
 ), released AS (
-    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
     WHERE job_id IN (SELECT id FROM done)
     RETURNING slot
 )

@@ -9,7 +9,7 @@ WITH job AS (
     WHERE id = $1 AND status = 'processing' AND attempts = $2
     RETURNING id, user_id, attempts
 ), released AS (
-    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
     WHERE job_id IN (SELECT id FROM job)
     RETURNING slot
 ), kept AS (

@@ -46,14 +46,14 @@ WITH recent AS (
     RETURNING id, created_at, fair_key
 ), reserved AS (
     UPDATE job_slots s
-    SET job_id = job.id, lease_expires_at = now() + make_interval(secs => $9)
+    SET job_id = job.id, user_id = $2, lease_expires_at = now() + make_interval(secs => $9)
     FROM job, free
     WHERE s.slot = free.slot
     RETURNING s.slot
 )
 SELECT (SELECT created_at FROM job) AS created_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
-       (SELECT count(*) FROM generation_jobs q, job
-        WHERE q.status = 'queued' AND q.fair_key <= job.fair_key) AS queued_ahead,
+       (SELECT count(*) FROM generation_jobs q
+        WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) AS queued_ahead,
        (SELECT n FROM recent) AS recent_jobs,
        (SELECT oldest FROM recent) AS recent_oldest

@@ -19,7 +19,7 @@ WITH job AS (
     FROM job WHERE $7 AND s.job_id = job.id
     RETURNING s.slot
 ), released AS (
-    UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL
+    UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
     WHERE NOT $7 AND job_id IN (SELECT id FROM job)
     RETURNING slot
 ), next_waiting AS (

@@ -294,3 +294,81 @@ async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_
     .unwrap();
     assert!(again.is_empty());
 }
+
+/// Every index scan in a JSON plan: (index name, its index condition).
+fn index_conditions(plan: &serde_json::Value, found: &mut Vec<(String, String)>) {
+    if let Some(name) = plan.get("Index Name").and_then(|n| n.as_str()) {
+        let cond = plan
+            .get("Index Cond")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_owned();
+        found.push((name.to_owned(), cond));
+    }
+    for child in plan
+        .get("Plans")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        index_conditions(child, found);
+    }
+}
+
+#[tokio::test]
+async fn claims_find_jobs_by_primary_key_even_when_statistics_saw_no_queued_jobs() {
+    // Statistics taken in a quiet moment (only settled jobs), then a burst of queued jobs: the
+    // planner believes the partial indexes of queued jobs are empty, the state in which it
+    // once chose to scan one whole for a single id.
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.batch_execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
+                                      created_at, started_at, completed_at, error_message) \
+         SELECT gen_random_uuid(), 'history-' || (g % 50), 'moodboard', gen_random_uuid(), \
+                'failed', 1, now() - interval '1 day', now() - interval '1 day', \
+                now() - interval '1 day', 'history' \
+         FROM generate_series(1, 5000) g; \
+         ANALYZE generation_jobs; \
+         INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         SELECT gen_random_uuid(), 'burst', 'moodboard', gen_random_uuid(), g \
+         FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .unwrap();
+    conn.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan; \
+         PREPARE by_id (uuid, float8, int4, int8) AS {}; \
+         PREPARE batch (int8, float8, int4, int8) AS {};",
+        include_str!("../../src/jobs/claim_by_id.sql"),
+        include_str!("../../src/jobs/claim_batch.sql"),
+    ))
+    .await
+    .unwrap();
+    for execute in [
+        "EXECUTE by_id ('00000000-0000-0000-0000-000000000000', 60, 3, 3)",
+        "EXECUTE batch (3, 60, 3, 3)",
+    ] {
+        let row = conn
+            .query_one(&format!("EXPLAIN (FORMAT JSON) {execute}"), &[])
+            .await
+            .unwrap();
+        let plan: serde_json::Value = row.get(0);
+        let mut scans = Vec::new();
+        index_conditions(&plan[0]["Plan"], &mut scans);
+        let misused: Vec<_> = scans
+            .iter()
+            .filter(|(index, cond)| index.starts_with("idx_jobs_queued") && cond.contains("(id ="))
+            .collect();
+        assert!(
+            misused.is_empty(),
+            "{execute} looks a job up by id in a queued-jobs index: {misused:?}"
+        );
+        assert!(
+            scans
+                .iter()
+                .any(|(index, _)| index == "generation_jobs_pkey"),
+            "{execute} finds its jobs by primary key: {scans:?}"
+        );
+    }
+}
