@@ -101,6 +101,9 @@ pub struct Config {
     pub db_pool_size: usize,
     /// How long a claimable job may sit unclaimed before the poller re-sends its message.
     pub outbox_grace: Duration,
+    /// An SQS worker runs the next job in line itself, when its own job frees the slot, only
+    /// with at least this much of its invocation left; otherwise it messages that job.
+    pub worker_chain_min: Duration,
     /// Credits charged per job type, once, at completion.
     pub credits: Credits,
     pub modelslab: Option<crate::generator::ModelsLabConfig>,
@@ -186,6 +189,7 @@ impl std::fmt::Debug for Config {
             .field("public_media_url", &self.public_media_url)
             .field("db_pool_size", &self.db_pool_size)
             .field("outbox_grace", &self.outbox_grace)
+            .field("worker_chain_min", &self.worker_chain_min)
             .field("credits", &self.credits)
             .field("modelslab", &self.modelslab)
             .field("downloads", &self.downloads)
@@ -343,6 +347,9 @@ impl Config {
             db_pool_size: number(&lookup, "DB_POOL_SIZE", 8, 1..=200)? as usize,
             outbox_grace: Duration::from_secs(
                 number(&lookup, "OUTBOX_GRACE_SECONDS", 60, 1..=86_400)?.into(),
+            ),
+            worker_chain_min: Duration::from_secs(
+                number(&lookup, "WORKER_CHAIN_MIN_SECONDS", 60, 0..=900)?.into(),
             ),
             credits: match lookup("JOB_CREDITS") {
                 Some(raw) => Credits::parse(&raw)?,

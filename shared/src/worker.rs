@@ -182,18 +182,13 @@ pub fn invocation_deadline(epoch_ms: u64) -> std::time::Instant {
     std::time::Instant::now() + left
 }
 
-/// A worker with at least this much of its invocation left runs the next job in line itself
-/// when its own job frees the slot (the worker function's timeout is 120 s); with less, it
-/// sends that job a message instead, for another invocation.
-const CHAIN_NEEDS: Duration = Duration::from_secs(60);
-
 /// Runs the jobs that finishing jobs free slots for, one after another in this worker, instead
 /// of messaging each: no SQS request and no idle slot between them. Stops when no job is
 /// waiting, when another worker took the slot, or when the invocation is nearly over.
 async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::Instant>) {
     loop {
         let time_left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        if time_left.is_some_and(|left| left < CHAIN_NEEDS) {
+        if time_left.is_some_and(|left| left < app.config.worker_chain_min) {
             nudge(app, jobs::Settled::Applied { next: Some(next) }).await;
             return;
         }
@@ -206,7 +201,14 @@ async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::
         .await;
         let claim = match claim {
             Ok(ClaimResult::Claimed(claim)) => claim,
-            // Another worker's claim got there first, or the job is gone: nothing owed here.
+            // Two jobs finishing at once can both name the same next job, and the other
+            // worker claimed it: this slot then goes to whoever is first in line now (whose
+            // message may already have been acknowledged).
+            Ok(ClaimResult::NotClaimable) => match first_in_line(app).await {
+                Some(claim) => claim,
+                None => return,
+            },
+            // Another job took the slot, and its worker hands it on in turn.
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(job_id = %next, error = %chain(&e), "could not claim the next job in line; sending it a message");
@@ -225,6 +227,24 @@ async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::
                 tracing::error!(job_id = %next, error = %chain(&e), "chained job run failed; it stays processing until its lease expires");
                 return;
             }
+        }
+    }
+}
+
+/// Claims the job first in line for a free slot, if any.
+async fn first_in_line(app: &App) -> Option<Claimed> {
+    let claimed = async {
+        let conn = app.pool.get().await?;
+        Ok::<_, WorkerError>(
+            jobs::claim_next(&conn, 1, app.config.job_lease, app.config.limits()).await?,
+        )
+    }
+    .await;
+    match claimed {
+        Ok(claimed) => claimed.into_iter().next(),
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "could not claim the next job in line; the outbox will re-send its message");
+            None
         }
     }
 }
@@ -438,6 +458,8 @@ struct Finished {
 #[derive(Clone)]
 pub struct Completer {
     tx: tokio::sync::mpsc::UnboundedSender<Finished>,
+    /// Set when the embedded queue stops: completions are still written, no job is claimed.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// At most this many jobs per completion statement (the slots bound it anyway).
@@ -450,7 +472,9 @@ impl Completer {
     /// MAX_ACTIVE_PER_USER.
     pub fn start(app: &App, claiming: Arc<tokio::sync::Mutex<()>>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let app = app.clone();
+        let stopping = stopped.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -460,7 +484,7 @@ impl Completer {
                         Err(_) => break,
                     }
                 }
-                match write_batch(&app, &claiming, &batch).await {
+                match write_batch(&app, &claiming, &stopping, &batch).await {
                     Ok((applied, claimed)) => {
                         let mut claimed = claimed.into_iter();
                         for finished in batch {
@@ -475,17 +499,29 @@ impl Completer {
                         // claim_next returns no more than asked for, one per taker.
                         debug_assert!(claimed.next().is_none());
                     }
+                    // One job's trouble must not hold back the others: each is written alone,
+                    // claiming nothing. A job whose completion still fails stays processing until
+                    // its lease expires, and runs again.
                     Err(e) => {
-                        tracing::warn!(jobs = batch.len(), error = %chain(&e), "a completion batch failed; its jobs stay processing until their leases expire");
-                        let e = Arc::new(e);
+                        tracing::warn!(jobs = batch.len(), error = %chain(&e), "a completion batch failed; writing its jobs one by one");
                         for finished in batch {
-                            let _ = finished.reply.send(Err(e.clone()));
+                            let alone = write_one(&app, &finished.completion)
+                                .await
+                                .map(|done| (done, None))
+                                .map_err(Arc::new);
+                            let _ = finished.reply.send(alone);
                         }
                     }
                 }
             }
         });
-        Completer { tx }
+        Completer { tx, stopped }
+    }
+
+    /// Stops claiming: completions are still written, but no job is claimed with them.
+    pub fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Completes the job with the next batch: whether its completion applied, and with
@@ -510,11 +546,24 @@ impl Completer {
     }
 }
 
+/// One completion in its own statement: whether it applied.
+async fn write_one(app: &App, completion: &jobs::Completion) -> Result<bool, WorkerError> {
+    let conn = app.pool.get().await?;
+    let applied = jobs::complete_many(
+        &conn,
+        std::slice::from_ref(completion),
+        app.generator.model(),
+    )
+    .await?;
+    Ok(applied.contains(&completion.job_id))
+}
+
 /// One completer round: the batch's completions, then claims for the slots they freed, in one
 /// transaction. A failed claim is rolled back to its savepoint; the completions still commit.
 async fn write_batch(
     app: &App,
     claiming: &tokio::sync::Mutex<()>,
+    stopped: &std::sync::atomic::AtomicBool,
     batch: &[Finished],
 ) -> Result<(std::collections::HashSet<uuid::Uuid>, Vec<Claimed>), WorkerError> {
     let completions: Vec<jobs::Completion> = batch.iter().map(|f| f.completion.clone()).collect();
@@ -525,6 +574,11 @@ async fn write_batch(
         .iter()
         .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
         .count();
+    let wanted = if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        0
+    } else {
+        wanted
+    };
     if wanted == 0 {
         tx.commit().await.map_err(JobsError::from)?;
         return Ok((applied, Vec::new()));
@@ -562,15 +616,13 @@ async fn settle_failure(
     handoff: Handoff,
     next: &mut Option<Next>,
 ) -> Result<Outcome, WorkerError> {
+    let mut sent = Ok(());
     let (settled, outcome) = match &error {
         GenerateError::Retryable(message) if claim.attempt() < claim.job.max_attempts => {
             let delay = retry_delay(claim.attempt());
             let settled = jobs::requeue(db, claim, message, delay).await?;
             if settled.applied() {
-                // If this send fails the error is returned, the record is reported, and SQS
-                // delivers the original message again: the job is queued, so that delivery (or
-                // the outbox) claims it once it is due.
-                app.queue.dispatch(claim.job.id, delay).await?;
+                sent = app.queue.dispatch(claim.job.id, delay).await;
             }
             (settled, Outcome::Requeued { delay })
         }
@@ -587,6 +639,10 @@ async fn settle_failure(
         return Ok(Outcome::Superseded);
     }
     *next = hand_on(app, settled, handoff).await;
+    // If the retry's message could not be sent, the error is returned, the record is reported,
+    // and SQS delivers the original message again: the job is queued, so that delivery (or the
+    // outbox) claims it once it is due. The freed slot was handed on first all the same.
+    sent?;
     Ok(outcome)
 }
 
@@ -727,15 +783,16 @@ pub async fn run_embedded(
 ) {
     const IDLE_POLL: Duration = Duration::from_millis(500);
     let claiming = Arc::new(tokio::sync::Mutex::new(()));
-    app.completions = Some(Completer::start(&app, claiming.clone()));
+    let completer = Completer::start(&app, claiming.clone());
+    app.completions = Some(completer.clone());
     // Once this loop returns, workers finish the jobs they hold but take no new ones.
-    struct Stopping(Arc<std::sync::atomic::AtomicBool>);
+    struct Stopping(Completer);
     impl Drop for Stopping {
         fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.0.stop();
         }
     }
-    let stopping = Stopping(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let _stopping = Stopping(completer);
     let slots = Arc::new(Semaphore::new(app.config.max_concurrent_jobs as usize));
     tokio::pin!(shutdown);
     loop {
@@ -784,19 +841,13 @@ pub async fn run_embedded(
         // start order the order positions promised; concurrent claimers would skip each
         // other's locked rows and start later jobs first.
         for (claim, permit) in claimed.into_iter().zip(permits.drain(..)) {
-            let (app, stopping) = (app.clone(), stopping.0.clone());
+            let app = app.clone();
             tokio::spawn(async move {
                 // A job claimed with this one's completion runs on the same permit.
                 let mut next = Some(claim);
                 while let Some(claim) = next.take() {
                     let span = tracing::info_span!("job", job_id = %claim.job.id);
-                    // Once stopping, a finished job only wakes the (stopped) claimer.
-                    let handoff = if stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                        Handoff::Message
-                    } else {
-                        Handoff::Completer
-                    };
-                    match run_claimed_then(&app, claim, handoff)
+                    match run_claimed_then(&app, claim, Handoff::Completer)
                         .instrument(span)
                         .await
                     {

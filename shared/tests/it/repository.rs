@@ -372,3 +372,39 @@ async fn claims_find_jobs_by_primary_key_even_when_statistics_saw_no_queued_jobs
         );
     }
 }
+
+async fn slot_users(conn: &deadpool_postgres::Object) -> Vec<Option<String>> {
+    conn.query(
+        "SELECT user_id FROM job_slots WHERE job_id IS NOT NULL OR user_id IS NOT NULL",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn a_slot_changed_by_a_statement_from_before_v9_still_names_its_holders_user() {
+    // During a deploy (or after a rollback) the previous code changes job_id alone.
+    let t = TestApp::embedded().await;
+    let id = Uuid::now_v7();
+    t.insert_job(id, &user("carol", None), "old code").await; // reserves a slot
+    let conn = t.db.pool.get().await.unwrap();
+    assert_eq!(slot_users(&conn).await, [Some("carol".to_owned())]);
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(slot_users(&conn).await, [], "released: no user left behind");
+    conn.execute(
+        "UPDATE job_slots SET job_id = $1, lease_expires_at = now() + interval '1 minute' WHERE slot = 7",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(slot_users(&conn).await, [Some("carol".to_owned())]);
+}

@@ -400,3 +400,68 @@ async fn jobs_finishing_together_complete_through_the_batching_completer_and_a_s
         Outcome::Completed
     );
 }
+
+fn finished_job(claim: &shared::jobs::Claimed, storage: &'static str) -> shared::jobs::Completion {
+    shared::jobs::Completion {
+        job_id: claim.job.id,
+        attempt: claim.attempt(),
+        media: vec![shared::jobs::NewMedia {
+            id: Uuid::new_v4(),
+            media_type: "image",
+            mime_type: "image/png",
+            storage,
+            storage_key: format!("{}/0.png", claim.job.id),
+            public_url: "http://media.test/0.png".into(),
+            width: Some(1),
+            height: Some(1),
+            size_bytes: 16,
+        }],
+        credits: 1,
+    }
+}
+
+#[tokio::test]
+async fn a_completion_batch_that_fails_is_written_job_by_job_so_one_bad_job_holds_back_no_other() {
+    let t = TestApp::embedded().await;
+    let completer =
+        shared::worker::Completer::start(&t.app, std::sync::Arc::new(tokio::sync::Mutex::new(())));
+    let alice = user("alice", None);
+    let (good, bad) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(good, &alice, "good").await;
+    t.insert_job(bad, &alice, "bad").await;
+    let (good_claim, bad_claim) = (claim(&t, good).await, claim(&t, bad).await);
+    // Sent together, so they share a batch; the bad one's media break a CHECK constraint.
+    let (good_result, bad_result) = tokio::join!(
+        completer.complete(finished_job(&good_claim, "local"), false),
+        completer.complete(finished_job(&bad_claim, "no-such-storage"), false),
+    );
+    assert!(matches!(good_result, Ok((true, None))), "{good_result:?}");
+    assert!(bad_result.is_err());
+    assert_eq!(t.status_of(good).await, "completed");
+    assert_eq!(
+        t.status_of(bad).await,
+        "processing",
+        "left for its lease to expire"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_completer_still_writes_completions_but_claims_no_job() {
+    let t = TestApp::embedded().await;
+    let completer =
+        shared::worker::Completer::start(&t.app, std::sync::Arc::new(tokio::sync::Mutex::new(())));
+    let alice = user("alice", None);
+    let (running, waiting) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(running, &alice, "running").await;
+    t.insert_job(waiting, &alice, "waiting").await;
+    let running_claim = claim(&t, running).await;
+    completer.stop();
+    let result = completer
+        .complete(finished_job(&running_claim, "local"), true)
+        .await
+        .unwrap();
+    assert!(result.0, "the completion was written");
+    assert!(result.1.is_none(), "no job was claimed for the slot");
+    assert_eq!(t.status_of(running).await, "completed");
+    assert_eq!(t.status_of(waiting).await, "queued");
+}
