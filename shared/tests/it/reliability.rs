@@ -895,35 +895,8 @@ async fn the_embedded_queue_keeps_the_per_user_limit_while_completions_hand_slot
         let owner = if i < 8 { &alice } else { &bob };
         t.insert_job(Uuid::now_v7(), owner, "hand-off").await;
     }
-    let Dispatcher::Embedded { wake } = t.app.queue.clone() else {
-        unreachable!()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runner = tokio::spawn(shared::worker::run_embedded(
-        t.app.clone(),
-        wake,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    t.run_embedded_until_completed(10).await;
     let conn = t.db.pool.get().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        let done: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM generation_jobs WHERE status = 'completed'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done == 10 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = stop_tx.send(());
-    runner.await.unwrap();
 
     // Each job held its slot from its claim (started_at) to its completion; a job handed a
     // slot by a completion starts at that completion's very timestamp, so intervals are

@@ -208,6 +208,40 @@ impl TestApp {
         Self::with(move |_| Dispatcher::sqs(client, url), Duration::ZERO).await
     }
 
+    /// Runs the embedded queue until `jobs` jobs have completed (or 30 s have passed), then
+    /// stops it.
+    pub async fn run_embedded_until_completed(&self, jobs: i64) {
+        let Dispatcher::Embedded { wake } = self.app.queue.clone() else {
+            panic!("the app runs the embedded queue")
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(shared::worker::run_embedded(
+            self.app.clone(),
+            wake,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let conn = self.db.pool.get().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let done: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM generation_jobs WHERE status = 'completed'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if done >= jobs {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+    }
+
     pub async fn job_row(&self, id: Uuid) -> tokio_postgres::Row {
         let conn = self.db.pool.get().await.unwrap();
         conn.query_one(

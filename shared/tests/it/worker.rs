@@ -250,35 +250,7 @@ async fn the_embedded_queue_runs_every_job_without_exceeding_the_concurrency_lim
         t.insert_job(id, &alice, "batch").await;
         ids.push(id);
     }
-    let Dispatcher::Embedded { wake } = t.app.queue.clone() else {
-        unreachable!()
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let runner = tokio::spawn(shared::worker::run_embedded(
-        t.app.clone(),
-        wake,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let conn = t.db.pool.get().await.unwrap();
-        let done: i64 = conn
-            .query_one(
-                "SELECT count(*) FROM generation_jobs WHERE status = 'completed'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done == 10 || tokio::time::Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = stop_tx.send(());
-    runner.await.unwrap();
+    t.run_embedded_until_completed(10).await;
     for id in ids {
         assert_eq!(t.status_of(id).await, "completed");
         assert_eq!(t.generator.calls_for(id), 1);
