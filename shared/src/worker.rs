@@ -216,7 +216,8 @@ async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::
                 return;
             }
         };
-        let span = tracing::info_span!("chained", job_id = %next);
+        let job_id = claim.job.id;
+        let span = tracing::info_span!("chained", %job_id);
         match run_claimed_then(app, claim, Handoff::Return)
             .instrument(span)
             .await
@@ -224,7 +225,7 @@ async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::
             Ok((_, Some(Next::Waiting(after)))) => next = after,
             Ok(_) => return,
             Err(e) => {
-                tracing::error!(job_id = %next, error = %chain(&e), "chained job run failed; it stays processing until its lease expires");
+                tracing::error!(%job_id, error = %chain(&e), "chained job run failed; it stays processing until its lease expires");
                 return;
             }
         }
