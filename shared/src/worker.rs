@@ -550,12 +550,7 @@ impl Completer {
 /// One completion in its own statement: whether it applied.
 async fn write_one(app: &App, completion: &jobs::Completion) -> Result<bool, WorkerError> {
     let conn = app.pool.get().await?;
-    let applied = jobs::complete_many(
-        &conn,
-        std::slice::from_ref(completion),
-        app.generator.model(),
-    )
-    .await?;
+    let applied = jobs::complete_many(&conn, &[completion], app.generator.model()).await?;
     Ok(applied.contains(&completion.job_id))
 }
 
@@ -567,7 +562,7 @@ async fn write_batch(
     stopped: &std::sync::atomic::AtomicBool,
     batch: &[Finished],
 ) -> Result<(std::collections::HashSet<uuid::Uuid>, Vec<Claimed>), WorkerError> {
-    let completions: Vec<jobs::Completion> = batch.iter().map(|f| f.completion.clone()).collect();
+    let completions: Vec<&jobs::Completion> = batch.iter().map(|f| &f.completion).collect();
     let mut conn = app.pool.get().await?;
     let mut tx = conn.transaction().await.map_err(JobsError::from)?;
     let applied = jobs::complete_many(&tx, &completions, app.generator.model()).await?;

@@ -380,33 +380,54 @@ pub async fn complete(
     credits: i32,
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("complete.sql")).await?;
-    let ids: Vec<Uuid> = media.iter().map(|m| m.id).collect();
-    let media_types: Vec<&str> = media.iter().map(|m| m.media_type).collect();
-    let mime_types: Vec<&str> = media.iter().map(|m| m.mime_type).collect();
-    let storages: Vec<&str> = media.iter().map(|m| m.storage).collect();
-    let keys: Vec<&str> = media.iter().map(|m| m.storage_key.as_str()).collect();
-    let urls: Vec<&str> = media.iter().map(|m| m.public_url.as_str()).collect();
-    let widths: Vec<Option<i32>> = media.iter().map(|m| m.width).collect();
-    let heights: Vec<Option<i32>> = media.iter().map(|m| m.height).collect();
-    let sizes: Vec<i64> = media.iter().map(|m| m.size_bytes).collect();
+    let m = MediaColumns::of(media.iter());
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &claim.job.id,
         &claim.attempt(),
-        &ids,
-        &media_types,
-        &mime_types,
-        &storages,
-        &keys,
-        &urls,
-        &widths,
-        &heights,
-        &sizes,
+        &m.ids,
+        &m.media_types,
+        &m.mime_types,
+        &m.storages,
+        &m.keys,
+        &m.urls,
+        &m.widths,
+        &m.heights,
+        &m.sizes,
         &model,
         &credits,
         &(claim.limits.per_user as i64),
     ];
     let row = retrying(|| db.query_opt(&stmt, params)).await?;
     settled(row)
+}
+
+/// Media items as the column arrays the completion statements unnest.
+struct MediaColumns<'a> {
+    ids: Vec<Uuid>,
+    media_types: Vec<&'a str>,
+    mime_types: Vec<&'a str>,
+    storages: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    urls: Vec<&'a str>,
+    widths: Vec<Option<i32>>,
+    heights: Vec<Option<i32>>,
+    sizes: Vec<i64>,
+}
+
+impl<'a> MediaColumns<'a> {
+    fn of(media: impl Iterator<Item = &'a NewMedia> + Clone) -> Self {
+        MediaColumns {
+            ids: media.clone().map(|m| m.id).collect(),
+            media_types: media.clone().map(|m| m.media_type).collect(),
+            mime_types: media.clone().map(|m| m.mime_type).collect(),
+            storages: media.clone().map(|m| m.storage).collect(),
+            keys: media.clone().map(|m| m.storage_key.as_str()).collect(),
+            urls: media.clone().map(|m| m.public_url.as_str()).collect(),
+            widths: media.clone().map(|m| m.width).collect(),
+            heights: media.clone().map(|m| m.height).collect(),
+            sizes: media.map(|m| m.size_bytes).collect(),
+        }
+    }
 }
 
 /// One finished job for [`complete_many`].
@@ -424,7 +445,7 @@ pub struct Completion {
 /// (the embedded claimer takes them from the table).
 pub async fn complete_many(
     db: &impl GenericClient,
-    jobs: &[Completion],
+    jobs: &[&Completion],
     model: &str,
 ) -> Result<std::collections::HashSet<Uuid>, JobsError> {
     let stmt = db
@@ -433,40 +454,31 @@ pub async fn complete_many(
     let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
     let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
     let credits: Vec<i32> = jobs.iter().map(|j| j.credits).collect();
-    let media = || {
-        jobs.iter().flat_map(|j| {
-            j.media
-                .iter()
-                .enumerate()
-                .map(move |(ordinal, m)| (j.job_id, ordinal as i16, m))
-        })
-    };
-    let media_job: Vec<Uuid> = media().map(|(job, _, _)| job).collect();
-    let media_ids: Vec<Uuid> = media().map(|(_, _, m)| m.id).collect();
-    let ordinals: Vec<i16> = media().map(|(_, o, _)| o).collect();
-    let media_types: Vec<&str> = media().map(|(_, _, m)| m.media_type).collect();
-    let mime_types: Vec<&str> = media().map(|(_, _, m)| m.mime_type).collect();
-    let storages: Vec<&str> = media().map(|(_, _, m)| m.storage).collect();
-    let keys: Vec<&str> = media().map(|(_, _, m)| m.storage_key.as_str()).collect();
-    let urls: Vec<&str> = media().map(|(_, _, m)| m.public_url.as_str()).collect();
-    let widths: Vec<Option<i32>> = media().map(|(_, _, m)| m.width).collect();
-    let heights: Vec<Option<i32>> = media().map(|(_, _, m)| m.height).collect();
-    let sizes: Vec<i64> = media().map(|(_, _, m)| m.size_bytes).collect();
+    // Each job's media in order, with the job they belong to and their ordinal.
+    let media_job: Vec<Uuid> = jobs
+        .iter()
+        .flat_map(|j| j.media.iter().map(|_| j.job_id))
+        .collect();
+    let ordinals: Vec<i16> = jobs
+        .iter()
+        .flat_map(|j| (0..j.media.len()).map(|o| o as i16))
+        .collect();
+    let m = MediaColumns::of(jobs.iter().flat_map(|j| j.media.iter()));
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &ids,
         &attempts,
         &credits,
         &media_job,
-        &media_ids,
+        &m.ids,
         &ordinals,
-        &media_types,
-        &mime_types,
-        &storages,
-        &keys,
-        &urls,
-        &widths,
-        &heights,
-        &sizes,
+        &m.media_types,
+        &m.mime_types,
+        &m.storages,
+        &m.keys,
+        &m.urls,
+        &m.widths,
+        &m.heights,
+        &m.sizes,
         &model,
     ];
     let rows = retrying(|| db.query(&stmt, params)).await?;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use lambda_http::aws_lambda_events::sqs::{SqsEvent, SqsMessage};
+use lambda_http::aws_lambda_events::sqs::SqsMessage;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -181,9 +181,7 @@ async fn a_jobs_life_is_counted_by_type_in_valid_emf() {
         .await;
         ids.push(answer["jobId"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
-    let mut event = SqsEvent::default();
-    event.records = ids.iter().map(|id| record(*id)).collect();
-    shared::worker::handle_sqs(&t.app, event).await;
+    shared::worker::handle_sqs(&t.app, batch(ids.iter().map(|id| record(*id)).collect())).await;
     let cancelled = Uuid::now_v7();
     t.insert_job(cancelled, &alice, "x").await;
     call(

@@ -140,11 +140,7 @@ async fn a_retryable_failure_requeues_the_job_and_sends_a_delayed_message() {
     let alice = user("alice", None);
     let id = Uuid::now_v7();
     t.insert_job(id, &alice, "simulate:retryable").await;
-    let event = {
-        let mut e = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
-        e.records = vec![sqs_record("m-1", &job_message(id))];
-        e
-    };
+    let event = batch(vec![sqs_record("m-1", &job_message(id))]);
     let response = shared::worker::handle_sqs(&t.app, event).await;
     assert!(
         response.batch_item_failures.is_empty(),
@@ -189,14 +185,7 @@ async fn every_message_delivered_three_times_still_runs_each_job_once() {
         let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
         // Two more copies of the message enqueue already sent.
         for _ in 0..2 {
-            queue
-                .client
-                .send_message()
-                .queue_url(&queue.url)
-                .message_body(job_message(id))
-                .send()
-                .await
-                .unwrap();
+            queue.send(id).await;
         }
         ids.push(id);
     }

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use lambda_http::aws_lambda_events::sqs::SqsEvent;
 use shared::{queue::Dispatcher, worker::Outcome};
 use uuid::Uuid;
 
@@ -11,12 +10,6 @@ use crate::support::*;
 async fn sql(t: &TestApp, statement: &str, id: Uuid) {
     let conn = t.db.pool.get().await.unwrap();
     conn.execute(statement, &[&id]).await.unwrap();
-}
-
-fn batch(records: Vec<lambda_http::aws_lambda_events::sqs::SqsMessage>) -> SqsEvent {
-    let mut event = SqsEvent::default();
-    event.records = records;
-    event
 }
 
 #[tokio::test]
@@ -234,7 +227,7 @@ async fn a_job_waiting_for_a_slot_its_message_already_acknowledged(
     let (reserved, waiting) = (Uuid::now_v7(), Uuid::now_v7());
     t.insert_job(reserved, &alice, "reserved").await;
     t.insert_job(waiting, &alice, "wait").await;
-    send(queue, waiting).await;
+    queue.send(waiting).await;
     let received =
         shared::worker::poll_sqs_once(&t.app, &queue.client, &queue.url, Duration::from_secs(1))
             .await
@@ -250,17 +243,6 @@ async fn a_job_waiting_for_a_slot_its_message_already_acknowledged(
     (reserved, waiting)
 }
 
-async fn send(queue: &TestQueue, id: Uuid) {
-    queue
-        .client
-        .send_message()
-        .queue_url(&queue.url)
-        .message_body(job_message(id))
-        .send()
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn the_worker_whose_job_frees_a_slot_runs_the_job_waiting_for_it_without_a_message() {
     let queue = TestQueue::new().await;
@@ -268,11 +250,10 @@ async fn the_worker_whose_job_frees_a_slot_runs_the_job_waiting_for_it_without_a
     let (reserved, waiting) =
         a_job_waiting_for_a_slot_its_message_already_acknowledged(&queue, &t).await;
 
-    let response = shared::worker::handle_sqs(&t.app, {
-        let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
-        event.records = vec![sqs_record("m-reserved", &job_message(reserved))];
-        event
-    })
+    let response = shared::worker::handle_sqs(
+        &t.app,
+        batch(vec![sqs_record("m-reserved", &job_message(reserved))]),
+    )
     .await;
     assert!(response.batch_item_failures.is_empty());
     assert_eq!(t.status_of(reserved).await, "completed");
@@ -299,11 +280,7 @@ async fn a_worker_near_the_end_of_its_invocation_messages_the_next_job_instead_o
     let ten_seconds_left = std::time::Instant::now() + Duration::from_secs(10);
     let response = shared::worker::handle_sqs_until(
         &t.app,
-        {
-            let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
-            event.records = vec![sqs_record("m-reserved", &job_message(reserved))];
-            event
-        },
+        batch(vec![sqs_record("m-reserved", &job_message(reserved))]),
         Some(ten_seconds_left),
     )
     .await;

@@ -232,10 +232,10 @@ async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_
     let applied = shared::jobs::complete_many(
         &conn,
         &[
-            completion(&current, current.attempt(), two.clone()),
+            &completion(&current, current.attempt(), two.clone()),
             // An attempt that is no longer the job's (as after a rescue and a new claim).
-            completion(&stale, stale.attempt() - 1, vec![image("b-0")]),
-            completion(&failed, failed.attempt(), vec![image("c-0")]),
+            &completion(&stale, stale.attempt() - 1, vec![image("b-0")]),
+            &completion(&failed, failed.attempt(), vec![image("c-0")]),
         ],
         "batch-model",
     )
@@ -287,7 +287,7 @@ async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_
     // A repeat of the same batch (a late duplicate) changes nothing.
     let again = shared::jobs::complete_many(
         &conn,
-        &[completion(&current, current.attempt(), vec![image("a-2")])],
+        &[&completion(&current, current.attempt(), vec![image("a-2")])],
         "batch-model",
     )
     .await

@@ -372,6 +372,13 @@ pub async fn call(app: &App, req: Request) -> (u16, serde_json::Value) {
     (status, body)
 }
 
+/// An SQS event carrying these records, as the event source mapping delivers a batch.
+pub fn batch(records: Vec<SqsMessage>) -> lambda_http::aws_lambda_events::sqs::SqsEvent {
+    let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();
+    event.records = records;
+    event
+}
+
 pub fn sqs_record(message_id: &str, body: &str) -> SqsMessage {
     let mut record = SqsMessage::default();
     record.message_id = Some(message_id.into());
@@ -416,6 +423,17 @@ impl TestQueue {
             .queue_url
             .unwrap();
         Self { client, url }
+    }
+
+    /// Sends the job's message, as enqueue (or a duplicate delivery) would.
+    pub async fn send(&self, id: Uuid) {
+        self.client
+            .send_message()
+            .queue_url(&self.url)
+            .message_body(job_message(id))
+            .send()
+            .await
+            .unwrap();
     }
 
     /// Receives what is visible now (short poll), without deleting it.

@@ -1,16 +1,9 @@
 use std::time::Duration;
 
-use lambda_http::aws_lambda_events::sqs::SqsEvent;
 use shared::{queue::Dispatcher, worker::Outcome};
 use uuid::Uuid;
 
 use crate::support::*;
-
-fn batch(records: Vec<lambda_http::aws_lambda_events::sqs::SqsMessage>) -> SqsEvent {
-    let mut event = SqsEvent::default();
-    event.records = records;
-    event
-}
 
 #[tokio::test]
 async fn the_worker_completes_a_job_and_stores_its_media() {
