@@ -47,6 +47,12 @@ WITH held_by_user AS (
     ) p
     ORDER BY reserved_first, rn
     LIMIT $1
+), lapsed AS (
+    -- Reservations that ran out still name their waiting jobs: a job claimed with another slot
+    -- has that row freed below.
+    SELECT slot, job_id FROM job_slots
+    WHERE job_id = ANY (ARRAY(SELECT id FROM pairs)) AND lease_expires_at <= now()
+    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE generation_jobs j
     SET status = 'processing',
@@ -64,6 +70,14 @@ WITH held_by_user AS (
     SET job_id = claimed.id, user_id = claimed.user_id, lease_expires_at = claimed.lease_expires_at
     FROM claimed
     WHERE s.slot = claimed.slot
+    RETURNING s.slot
+), unreserved AS (
+    -- Not a slot just given to a job: one statement must not change a row twice.
+    UPDATE job_slots s
+    SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
+    FROM lapsed JOIN claimed ON claimed.id = lapsed.job_id
+    WHERE s.slot = lapsed.slot AND s.job_id = lapsed.job_id
+      AND s.slot NOT IN (SELECT slot FROM claimed)
     RETURNING s.slot
 )
 SELECT * FROM claimed

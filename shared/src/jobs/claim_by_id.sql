@@ -16,6 +16,10 @@ WITH target AS (
 ), mine AS (
     SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at > now()
     FOR UPDATE
+), lapsed AS (
+    -- A reservation of this job that ran out: freed below if the job gets another slot.
+    SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at <= now()
+    FOR UPDATE SKIP LOCKED
 ), free_slots AS (
     SELECT count(*) AS n FROM job_slots WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
 ), ahead AS (
@@ -52,6 +56,13 @@ WITH target AS (
     SET job_id = claimed.id, user_id = claimed.user_id, lease_expires_at = claimed.lease_expires_at
     FROM claimed
     WHERE s.slot = (SELECT slot FROM chosen LIMIT 1)
+    RETURNING s.slot
+), unreserved AS (
+    UPDATE job_slots s
+    SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
+    FROM claimed
+    WHERE s.slot IN (SELECT slot FROM lapsed) AND s.job_id = claimed.id
+      AND s.slot <> (SELECT slot FROM chosen LIMIT 1)
     RETURNING s.slot
 )
 SELECT claimed.*, (SELECT slot FROM held) AS slot FROM claimed

@@ -212,6 +212,95 @@ async fn a_slot_reserved_for_a_job_whose_message_never_comes_frees_itself() {
     );
 }
 
+/// Two jobs were answered `direct` and hold slots 1 and 2. The first is cancelled, which frees
+/// slot 1; the second's worker is late, and its reservation of slot 2 runs out. The lowest free
+/// slot is then 1, while slot 2 still names the second job.
+async fn a_job_whose_reservation_ran_out_behind_a_lower_free_slot(t: &TestApp) -> Uuid {
+    let alice = user("alice", None);
+    let (first, second) = (enqueue_as(t, &alice).await, enqueue_as(t, &alice).await);
+    assert_eq!(
+        (first["mode"].as_str(), second["mode"].as_str()),
+        (Some("direct"), Some("direct"))
+    );
+    let (first, late) = (id_of(&first), id_of(&second));
+    let (status, _) = call(
+        &t.app,
+        api_request(
+            "POST",
+            &format!("/api/generate/cancel/{first}"),
+            Some(&alice),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    sql(
+        t,
+        "UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id = $1",
+        late,
+    )
+    .await;
+    late
+}
+
+async fn slots_naming(t: &TestApp, id: Uuid) -> Vec<(i32, bool)> {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.query(
+        "SELECT slot, lease_expires_at > now() FROM job_slots WHERE job_id = $1 ORDER BY slot",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+async fn two_slots() -> TestApp {
+    TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "2")],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_embedded_queue_claims_a_job_whose_reservation_ran_out_with_the_lowest_free_slot() {
+    let t = two_slots().await;
+    let late = a_job_whose_reservation_ran_out_behind_a_lower_free_slot(&t).await;
+    let conn = t.db.pool.get().await.unwrap();
+    let claimed =
+        shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), t.app.config.limits())
+            .await
+            .expect("a stale reservation does not stop the queue");
+    assert_eq!(
+        claimed.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![late]
+    );
+    assert_eq!(
+        slots_naming(&t, late).await,
+        vec![(1, true)],
+        "the job holds the slot it was claimed with, and no other names it"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_runs_a_job_whose_reservation_ran_out_when_its_message_finally_comes() {
+    let t = two_slots().await;
+    let late = a_job_whose_reservation_ran_out_behind_a_lower_free_slot(&t).await;
+    let response =
+        shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m", &job_message(late))])).await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.generator.calls_for(late), 1);
+    assert_eq!(t.status_of(late).await, "completed");
+    assert_eq!(
+        slots_naming(&t, late).await,
+        vec![],
+        "its slots are all free again"
+    );
+}
+
 /// Two jobs hold slots outside any worker, `reserved` holds the third (answered `direct`), and
 /// `waiting` waits behind them; `waiting`'s message has been received and acknowledged.
 async fn a_job_waiting_for_a_slot_its_message_already_acknowledged(
