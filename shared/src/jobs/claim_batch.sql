@@ -25,15 +25,16 @@ WITH held_by_user AS (
     LIMIT $1
     FOR UPDATE OF s, q SKIP LOCKED
 ), head AS (
-    -- A bounded look at the front of the line, ranked within each user.
+    -- A bounded look at the front of the line, ranked within each user. Not locked: only the
+    -- jobs paired with a slot are (`taken`), not the lookahead kept for users at their limit
+    -- (each row lock is a WAL record; measured: 92 locks to claim 19 jobs).
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
           -- An array, not IN (subquery): the planner then fetches these few rows by primary key
           -- even in a generic plan, which cannot know the LIMIT and would scan the table.
           WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16))
-            AND (q.status = 'queued') IS TRUE
-          FOR UPDATE SKIP LOCKED) w
+            AND (q.status = 'queued') IS TRUE) w
 ), next AS (
     SELECT h.id, row_number() OVER (ORDER BY h.fair_key, h.created_at, h.id) AS rn
     FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
@@ -53,6 +54,12 @@ WITH held_by_user AS (
     SELECT slot, job_id FROM job_slots
     WHERE job_id = ANY (ARRAY(SELECT id FROM pairs)) AND lease_expires_at <= now()
     FOR UPDATE SKIP LOCKED
+), taken AS (
+    -- A job another claimer holds is skipped, and this batch is one job smaller. A job claimed
+    -- and committed since this statement's snapshot fails the re-checked status test.
+    SELECT q.id FROM generation_jobs q
+    WHERE q.id = ANY (ARRAY(SELECT id FROM pairs)) AND (q.status = 'queued') IS TRUE
+    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE generation_jobs j
     SET status = 'processing',
@@ -63,7 +70,7 @@ WITH held_by_user AS (
     FROM pairs
     -- The array lets even a plan made while the table was nearly empty (a fresh database)
     -- fetch these few rows by primary key instead of scanning the queue.
-    WHERE j.id = ANY (ARRAY(SELECT id FROM pairs)) AND j.id = pairs.id AND (j.status = 'queued') IS TRUE
+    WHERE j.id = ANY (ARRAY(SELECT id FROM taken)) AND j.id = pairs.id AND (j.status = 'queued') IS TRUE
     RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress, j.result_media_id, j.error_message, j.attempts, j.max_attempts, j.created_at, j.started_at, j.completed_at, j.lease_expires_at, pairs.slot
 ), held AS (
     UPDATE job_slots s
