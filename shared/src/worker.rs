@@ -465,6 +465,7 @@ pub struct Completer {
 
 /// At most this many jobs per completion statement (the slots bound it anyway).
 const MAX_COMPLETION_BATCH: usize = 256;
+const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 
 impl Completer {
     /// Starts the completer's task; it ends once every handle is dropped. `claiming` is held
@@ -477,6 +478,8 @@ impl Completer {
         let app = app.clone();
         let stopping = stopped.clone();
         tokio::spawn(async move {
+            // Jobs the last round started, not yet back.
+            let mut started: std::collections::HashSet<uuid::Uuid> = Default::default();
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < MAX_COMPLETION_BATCH {
@@ -485,8 +488,25 @@ impl Completer {
                         Err(_) => break,
                     }
                 }
+                for finished in &batch {
+                    started.remove(&finished.completion.job_id);
+                }
+                // Short jobs the last round started finish while this one is gathered: waiting
+                // a moment for them lets them share its commit instead of needing one more.
+                let until = tokio::time::Instant::now() + GATHER;
+                while !started.is_empty() && batch.len() < MAX_COMPLETION_BATCH {
+                    match tokio::time::timeout_at(until, rx.recv()).await {
+                        Ok(Some(next)) => {
+                            started.remove(&next.completion.job_id);
+                            batch.push(next);
+                        }
+                        _ => break,
+                    }
+                }
+                started.clear();
                 match write_batch(&app, &claiming, &stopping, &batch).await {
                     Ok((applied, claimed)) => {
+                        started.extend(claimed.iter().map(|c| c.job.id));
                         let mut claimed = claimed.into_iter();
                         for finished in batch {
                             let done = applied.contains(&finished.completion.job_id);
