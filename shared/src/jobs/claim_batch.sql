@@ -25,9 +25,8 @@ WITH held_by_user AS (
     LIMIT $1
     FOR UPDATE OF s, q SKIP LOCKED
 ), head AS (
-    -- A bounded look at the front of the line, ranked within each user. Not locked: only the
-    -- jobs paired with a slot are (`taken`), not the lookahead kept for users at their limit
-    -- (each row lock is a WAL record; measured: 92 locks to claim 19 jobs).
+    -- A bounded look at the front of the line, ranked within each user. Not locked here: see
+    -- `taken`.
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
@@ -36,15 +35,26 @@ WITH held_by_user AS (
           WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16))
             AND (q.status = 'queued') IS TRUE) w
 ), next AS (
-    SELECT h.id, row_number() OVER (ORDER BY h.fair_key, h.created_at, h.id) AS rn
-    FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
+    SELECT h.id FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
     WHERE h.turn <= $4 - coalesce(u.held, 0)
+), taken_rows AS (
+    -- The jobs within their users' allowance are locked in line order until there are $1: one
+    -- that another claimer holds is skipped for the next, and the rest of the lookahead is never
+    -- locked (each row lock is a WAL record; locking it all took 92 locks to claim 19 jobs). A
+    -- job claimed and committed since this statement's snapshot fails the re-checked status.
+    SELECT q.id, q.fair_key, q.created_at FROM generation_jobs q
+    WHERE q.id = ANY (ARRAY(SELECT id FROM next)) AND (q.status = 'queued') IS TRUE
+    ORDER BY q.fair_key, q.created_at, q.id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), taken AS (
+    SELECT id, row_number() OVER (ORDER BY fair_key, created_at, id) AS rn FROM taken_rows
 ), pairs AS (
     -- Reserved jobs first, then the line; never more than $1 in all.
     SELECT id, slot FROM (
         SELECT id, slot, 0 AS reserved_first, 0::bigint AS rn FROM reserved
         UNION ALL
-        SELECT next.id, free.slot, 1, next.rn FROM next JOIN free USING (rn)
+        SELECT taken.id, free.slot, 1, taken.rn FROM taken JOIN free USING (rn)
     ) p
     ORDER BY reserved_first, rn
     LIMIT $1
@@ -53,12 +63,6 @@ WITH held_by_user AS (
     -- has that row freed below.
     SELECT slot, job_id FROM job_slots
     WHERE job_id = ANY (ARRAY(SELECT id FROM pairs)) AND lease_expires_at <= now()
-    FOR UPDATE SKIP LOCKED
-), taken AS (
-    -- A job another claimer holds is skipped, and this batch is one job smaller. A job claimed
-    -- and committed since this statement's snapshot fails the re-checked status test.
-    SELECT q.id FROM generation_jobs q
-    WHERE q.id = ANY (ARRAY(SELECT id FROM pairs)) AND (q.status = 'queued') IS TRUE
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE generation_jobs j
@@ -70,7 +74,7 @@ WITH held_by_user AS (
     FROM pairs
     -- The array lets even a plan made while the table was nearly empty (a fresh database)
     -- fetch these few rows by primary key instead of scanning the queue.
-    WHERE j.id = ANY (ARRAY(SELECT id FROM taken)) AND j.id = pairs.id AND (j.status = 'queued') IS TRUE
+    WHERE j.id = ANY (ARRAY(SELECT id FROM pairs)) AND j.id = pairs.id AND (j.status = 'queued') IS TRUE
     RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress, j.result_media_id, j.error_message, j.attempts, j.max_attempts, j.created_at, j.started_at, j.completed_at, j.lease_expires_at, pairs.slot
 ), held AS (
     UPDATE job_slots s

@@ -189,6 +189,41 @@ async fn a_batch_claim_never_returns_more_jobs_than_asked_for_even_with_reservat
     assert_eq!(rest.len(), 3);
 }
 
+#[tokio::test]
+async fn a_batch_claim_skips_a_job_another_claimer_holds_and_takes_the_next_in_line() {
+    let t = TestApp::embedded().await;
+    let (held, next) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(held, &user("alice", None), "held").await;
+    t.insert_job(next, &user("bob", None), "next").await;
+    // Both wait in line: no reservations.
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut other = t.db.pool.get().await.unwrap();
+    let other = other.transaction().await.unwrap();
+    other
+        .execute(
+            "SELECT 1 FROM generation_jobs WHERE id = $1 FOR UPDATE",
+            &[&held],
+        )
+        .await
+        .unwrap();
+    let claimed =
+        shared::jobs::claim_next(&conn, 1, Duration::from_secs(60), t.app.config.limits())
+            .await
+            .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![next],
+        "the claim neither waits for the held job nor comes back empty"
+    );
+    other.rollback().await.unwrap();
+}
+
 fn image(key: &str) -> shared::jobs::NewMedia {
     shared::jobs::NewMedia {
         id: Uuid::new_v4(),
