@@ -853,6 +853,7 @@ pub async fn run_embedded(
         }
         // claim_next never returns more jobs than it was asked for, so each has a permit.
         debug_assert!(claimed.len() <= permits.len());
+        let line_was_empty = claimed.len() < permits.len();
         // Claims are serialised (this loop and the completer take `claiming`), which keeps the
         // start order the order positions promised; concurrent claimers would skip each
         // other's locked rows and start later jobs first.
@@ -876,6 +877,15 @@ pub async fn run_embedded(
                 }
                 drop(permit);
             });
+        }
+        // Asking again at once would find nothing (one more statement and commit per job at a
+        // trickle). A wake sent meanwhile is kept by `Notify`, so no new job waits for the poll.
+        if line_was_empty {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = &mut shutdown => return,
+            }
         }
     }
 }
