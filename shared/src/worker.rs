@@ -465,6 +465,8 @@ pub struct Completer {
 
 /// At most this many jobs per completion statement (the slots bound it anyway).
 const MAX_COMPLETION_BATCH: usize = 256;
+/// How long a round waits for the jobs the last round started (in practice up to the next tick
+/// of tokio's 1 ms timer), and only while some are still out.
 const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 
 impl Completer {
