@@ -617,6 +617,10 @@ async fn write_batch(
         }
         Err(e) => {
             tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; the claimer will take those slots");
+            // It may be parked until woken; it claims after this commit, as it needs `claiming`.
+            if let crate::queue::Dispatcher::Embedded { wake } = &app.queue {
+                wake.notify_one();
+            }
             claim.rollback().await.map_err(JobsError::from)?;
             Vec::new()
         }

@@ -47,8 +47,19 @@ WITH held_by_user AS (
     ORDER BY q.fair_key, q.created_at, q.id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), lapsed AS (
+    -- Reservations that ran out still name some of these jobs: a job claimed with another slot
+    -- has that row freed below. A job whose old row another statement holds is not claimed
+    -- now: the two rows naming it would fail the unique job_id, or wait on that statement.
+    SELECT slot, job_id FROM job_slots
+    WHERE job_id = ANY (ARRAY(SELECT id FROM taken_rows)) AND lease_expires_at <= now()
+    FOR UPDATE SKIP LOCKED
 ), taken AS (
-    SELECT id, row_number() OVER (ORDER BY fair_key, created_at, id) AS rn FROM taken_rows
+    SELECT t.id, row_number() OVER (ORDER BY t.fair_key, t.created_at, t.id) AS rn
+    FROM taken_rows t
+    WHERE NOT EXISTS (SELECT 1 FROM job_slots x
+                      WHERE x.job_id = t.id AND x.lease_expires_at <= now()
+                        AND x.slot NOT IN (SELECT slot FROM lapsed))
 ), pairs AS (
     -- Reserved jobs first, then the line; never more than $1 in all.
     SELECT id, slot FROM (
@@ -58,12 +69,6 @@ WITH held_by_user AS (
     ) p
     ORDER BY reserved_first, rn
     LIMIT $1
-), lapsed AS (
-    -- Reservations that ran out still name their waiting jobs: a job claimed with another slot
-    -- has that row freed below.
-    SELECT slot, job_id FROM job_slots
-    WHERE job_id = ANY (ARRAY(SELECT id FROM pairs)) AND lease_expires_at <= now()
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE generation_jobs j
     SET status = 'processing',

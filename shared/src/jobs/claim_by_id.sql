@@ -17,9 +17,14 @@ WITH target AS (
     SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at > now()
     FOR UPDATE
 ), lapsed AS (
-    -- A reservation of this job that ran out: freed below if the job gets another slot.
+    -- A reservation of this job that ran out: freed below if the job gets another slot. If
+    -- another statement holds that row, the job is not claimed now (see `claimed`): the two
+    -- rows naming it would fail the unique job_id, or wait on that statement.
     SELECT slot FROM job_slots WHERE job_id = $1 AND lease_expires_at <= now()
     FOR UPDATE SKIP LOCKED
+), lapsed_held_elsewhere AS (
+    SELECT 1 FROM job_slots
+    WHERE job_id = $1 AND lease_expires_at <= now() AND slot NOT IN (SELECT slot FROM lapsed)
 ), free_slots AS (
     SELECT count(*) AS n FROM job_slots WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
 ), ahead AS (
@@ -37,7 +42,8 @@ WITH target AS (
     SELECT slot FROM job_slots
     WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
       AND NOT EXISTS (SELECT 1 FROM mine) AND EXISTS (SELECT 1 FROM next_in_line)
-    ORDER BY slot
+    -- Its own lapsed reservation first, if free: then no other row names it.
+    ORDER BY job_id IS DISTINCT FROM $1, slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), chosen AS (
@@ -50,6 +56,7 @@ WITH target AS (
         lease_expires_at = now() + make_interval(secs => $2),
         updated_at = now()
     WHERE id IN (SELECT id FROM target) AND (status = 'queued') IS TRUE AND EXISTS (SELECT 1 FROM chosen)
+      AND NOT EXISTS (SELECT 1 FROM lapsed_held_elsewhere)
     RETURNING id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at, lease_expires_at
 ), held AS (
     UPDATE job_slots s

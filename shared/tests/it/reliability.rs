@@ -301,6 +301,43 @@ async fn a_worker_runs_a_job_whose_reservation_ran_out_when_its_message_finally_
     );
 }
 
+#[tokio::test]
+async fn a_job_whose_old_reservation_another_statement_holds_waits_instead_of_failing_the_claim() {
+    let t = two_slots().await;
+    let late = a_job_whose_reservation_ran_out_behind_a_lower_free_slot(&t).await;
+    // Another statement holds the old slot row (a concurrent claim taking it as a free slot).
+    let mut other = t.db.pool.get().await.unwrap();
+    let other = other.transaction().await.unwrap();
+    other
+        .execute(
+            "SELECT 1 FROM job_slots WHERE job_id = $1 FOR UPDATE",
+            &[&late],
+        )
+        .await
+        .unwrap();
+    let conn = t.db.pool.get().await.unwrap();
+    let batch = shared::jobs::claim_next(&conn, 5, Duration::from_secs(60), t.app.config.limits())
+        .await
+        .expect("the batch claim neither fails nor waits");
+    assert!(batch.is_empty(), "the job waits for its old row");
+    let one =
+        shared::jobs::claim_by_id(&conn, late, Duration::from_secs(60), t.app.config.limits())
+            .await
+            .expect("the claim by id neither fails nor waits");
+    assert!(matches!(one, shared::jobs::ClaimResult::NoSlot));
+    other.rollback().await.unwrap();
+    let claimed =
+        shared::jobs::claim_by_id(&conn, late, Duration::from_secs(60), t.app.config.limits())
+            .await
+            .unwrap();
+    assert!(matches!(claimed, shared::jobs::ClaimResult::Claimed(_)));
+    assert_eq!(
+        slots_naming(&t, late).await,
+        vec![(2, true)],
+        "once free, its own old slot is the one it takes back"
+    );
+}
+
 /// Two jobs hold slots outside any worker, `reserved` holds the third (answered `direct`), and
 /// `waiting` waits behind them; `waiting`'s message has been received and acknowledged.
 async fn a_job_waiting_for_a_slot_its_message_already_acknowledged(
