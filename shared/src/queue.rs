@@ -2,7 +2,13 @@
 //! set that is an SQS message; without it, the embedded mode wakes the in-process claimer, which
 //! takes work straight from the job table.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering::SeqCst},
+        Arc,
+    },
+    time::Duration,
+};
 
 use aws_sdk_sqs::Client;
 use serde::{Deserialize, Serialize};
@@ -45,7 +51,67 @@ pub enum QueueError {
 #[derive(Clone)]
 pub enum Dispatcher {
     Sqs { client: Client, queue_url: String },
-    Embedded { wake: Arc<Notify> },
+    Embedded { bell: Arc<Doorbell> },
+}
+
+/// The embedded queue's doorbell. A ring wakes the claimer, and is counted, so that after a
+/// claim that left no job waiting the completer can tell whether one may have come since, and
+/// skip a claim that would find nothing (one statement per job at a trickle).
+pub struct Doorbell {
+    wake: Notify,
+    rings: AtomicU64,
+    /// `rings` as read before the last claim, if that claim left no due job waiting.
+    quiet_since: AtomicU64,
+}
+
+/// `quiet_since` when the last claim left jobs waiting, failed, or there has been none.
+const UNKNOWN: u64 = u64::MAX;
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Doorbell {
+            wake: Notify::new(),
+            rings: AtomicU64::new(0),
+            quiet_since: AtomicU64::new(UNKNOWN),
+        }
+    }
+}
+
+impl Doorbell {
+    /// A job may have become claimable: call after its commit.
+    pub fn ring(&self) {
+        self.rings.fetch_add(1, SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Waits for a ring; one rung while nobody waited is kept for the next wait.
+    pub async fn rung(&self) {
+        self.wake.notified().await
+    }
+
+    /// Read before a claim's statement is sent. A job committed before this read is in that
+    /// statement's snapshot; one committed after it rings after it.
+    pub fn before_claim(&self) -> u64 {
+        self.rings.load(SeqCst)
+    }
+
+    /// Records what the claim begun at `token` found (`None`: it failed). Claims are serialised,
+    /// so the last one recorded is the latest.
+    pub fn after_claim(&self, token: u64, left_waiting: Option<bool>) {
+        let quiet = match left_waiting {
+            Some(false) => token,
+            _ => UNKNOWN,
+        };
+        self.quiet_since.store(quiet, SeqCst);
+    }
+
+    /// False only when the last claim left no due job waiting and nothing has rung since.
+    /// Jobs that fall due later (delayed retries) and rescued jobs ring nothing; the claimer's
+    /// poll takes those.
+    pub fn may_have_waiting(&self) -> bool {
+        let quiet = self.quiet_since.load(SeqCst);
+        quiet == UNKNOWN || self.rings.load(SeqCst) != quiet
+    }
 }
 
 impl Dispatcher {
@@ -55,7 +121,7 @@ impl Dispatcher {
 
     pub fn embedded() -> Self {
         Dispatcher::Embedded {
-            wake: Arc::new(Notify::new()),
+            bell: Arc::new(Doorbell::default()),
         }
     }
 
@@ -78,8 +144,8 @@ impl Dispatcher {
             }
             // The embedded claimer polls the table, so a delay needs no timer here; a wake-up
             // just saves it waiting for its next poll.
-            Dispatcher::Embedded { wake } => {
-                wake.notify_one();
+            Dispatcher::Embedded { bell } => {
+                bell.ring();
                 Ok(())
             }
         }
@@ -117,8 +183,8 @@ impl Dispatcher {
                 }
                 Ok(sent)
             }
-            Dispatcher::Embedded { wake } => {
-                wake.notify_one();
+            Dispatcher::Embedded { bell } => {
+                bell.ring();
                 Ok(job_ids.len())
             }
         }
@@ -164,6 +230,42 @@ fn local_endpoint(queue_url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_doorbell_knows_nothing_of_the_line() {
+        assert!(Doorbell::default().may_have_waiting());
+    }
+
+    #[test]
+    fn a_claim_that_left_nothing_waiting_quiets_the_line_until_the_next_ring() {
+        let bell = Doorbell::default();
+        let token = bell.before_claim();
+        bell.after_claim(token, Some(false));
+        assert!(!bell.may_have_waiting());
+        bell.ring();
+        assert!(bell.may_have_waiting());
+    }
+
+    #[test]
+    fn a_ring_while_a_claim_runs_keeps_the_line_awake_whatever_the_claim_found() {
+        let bell = Doorbell::default();
+        let token = bell.before_claim();
+        // A job committed after the claim's snapshot was taken rings here.
+        bell.ring();
+        bell.after_claim(token, Some(false));
+        assert!(bell.may_have_waiting());
+    }
+
+    #[test]
+    fn a_claim_that_left_jobs_waiting_or_failed_keeps_the_line_awake() {
+        let bell = Doorbell::default();
+        bell.after_claim(bell.before_claim(), Some(false));
+        bell.after_claim(bell.before_claim(), Some(true));
+        assert!(bell.may_have_waiting());
+        bell.after_claim(bell.before_claim(), Some(false));
+        bell.after_claim(bell.before_claim(), None);
+        assert!(bell.may_have_waiting());
+    }
 
     #[test]
     fn a_local_queue_url_names_its_own_endpoint_and_an_aws_one_does_not() {

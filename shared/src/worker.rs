@@ -585,25 +585,33 @@ async fn write_batch(
     batch: &[Finished],
 ) -> Result<(std::collections::HashSet<uuid::Uuid>, Vec<Claimed>), WorkerError> {
     let completions: Vec<&jobs::Completion> = batch.iter().map(|f| &f.completion).collect();
+    let bell = match &app.queue {
+        crate::queue::Dispatcher::Embedded { bell } => Some(bell),
+        crate::queue::Dispatcher::Sqs { .. } => None,
+    };
     let mut conn = app.pool.get().await?;
+    let may_claim = !stopped.load(std::sync::atomic::Ordering::Relaxed)
+        && batch.iter().any(|f| f.take_next)
+        && bell.is_none_or(|b| b.may_have_waiting());
+    if !may_claim {
+        // Nothing to claim: the completions alone, one statement.
+        let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
+        return Ok((applied, Vec::new()));
+    }
     let mut tx = conn.transaction().await.map_err(JobsError::from)?;
     let applied = jobs::complete_many(&tx, &completions, app.generator.model()).await?;
     let wanted = batch
         .iter()
         .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
         .count();
-    let wanted = if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-        0
-    } else {
-        wanted
-    };
     if wanted == 0 {
         tx.commit().await.map_err(JobsError::from)?;
         return Ok((applied, Vec::new()));
     }
     let _claiming = claiming.lock().await;
     let claim = tx.savepoint("claim").await.map_err(JobsError::from)?;
-    let claimed = match jobs::claim_next(
+    let token = bell.map(|b| b.before_claim());
+    let claimed = match jobs::claim_line(
         &claim,
         wanted as i64,
         app.config.job_lease,
@@ -611,15 +619,19 @@ async fn write_batch(
     )
     .await
     {
-        Ok(claimed) => {
+        Ok(line) => {
             claim.commit().await.map_err(JobsError::from)?;
-            claimed
+            if let (Some(bell), Some(token)) = (bell, token) {
+                bell.after_claim(token, Some(line.left_waiting));
+            }
+            line.jobs
         }
         Err(e) => {
             tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; the claimer will take those slots");
             // It may be parked until woken; it claims after this commit, as it needs `claiming`.
-            if let crate::queue::Dispatcher::Embedded { wake } = &app.queue {
-                wake.notify_one();
+            if let Some(bell) = bell {
+                bell.after_claim(token.unwrap_or_default(), None);
+                bell.ring();
             }
             claim.rollback().await.map_err(JobsError::from)?;
             Vec::new()
@@ -800,7 +812,7 @@ async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateEr
 /// `MAX_CONCURRENT_JOBS` at a time, until `shutdown` resolves.
 pub async fn run_embedded(
     mut app: App,
-    wake: Arc<tokio::sync::Notify>,
+    bell: Arc<crate::queue::Doorbell>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -833,14 +845,16 @@ pub async fn run_embedded(
         let claimed = match app.pool.get().await {
             Ok(conn) => {
                 let _claiming = claiming.lock().await;
-                jobs::claim_next(
+                let token = bell.before_claim();
+                let line = jobs::claim_line(
                     &conn,
                     permits.len() as i64,
                     app.config.job_lease,
                     app.config.limits(),
                 )
-                .await
-                .map_err(WorkerError::from)
+                .await;
+                bell.after_claim(token, line.as_ref().ok().map(|l| l.left_waiting));
+                line.map(|l| l.jobs).map_err(WorkerError::from)
             }
             Err(e) => Err(e.into()),
         };
@@ -851,7 +865,7 @@ pub async fn run_embedded(
         if claimed.is_empty() {
             drop(permits);
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = bell.rung() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = &mut shutdown => return,
             }
@@ -888,7 +902,7 @@ pub async fn run_embedded(
         // trickle). A wake sent meanwhile is kept by `Notify`, so no new job waits for the poll.
         if line_was_empty {
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = bell.rung() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = &mut shutdown => return,
             }

@@ -94,10 +94,17 @@ struct Bench {
 }
 
 async fn bench_app(tag: &str, slots: u32) -> Bench {
-    let url = format!("{SERVER}/mj_bench_{tag}_{}", std::process::id());
+    bench_app_via(tag, slots, SERVER).await
+}
+
+/// A bench app whose pool reaches Postgres at `server` (a [`TripCounter`]'s address).
+async fn bench_app_via(tag: &str, slots: u32, server: &str) -> Bench {
+    let name = format!("mj_bench_{tag}_{}", std::process::id());
+    let url = format!("{SERVER}/{name}");
     db::create_database_if_missing(&url)
         .await
         .expect("create the bench database");
+    let app_url = format!("{server}/{name}");
     // Media on tmpfs when there is one: the disk under test is Postgres's.
     let shm = std::path::Path::new("/dev/shm");
     let media = if shm.is_dir() {
@@ -106,7 +113,7 @@ async fn bench_app(tag: &str, slots: u32) -> Bench {
         std::env::temp_dir()
     }
     .join(format!("mj-bench-{tag}"));
-    let (u, m) = (url.clone(), media.to_string_lossy().into_owned());
+    let (u, m) = (app_url.clone(), media.to_string_lossy().into_owned());
     let config = Config::from_lookup(move |name| match name {
         "DATABASE_URL" => Some(u.clone()),
         "GENERATOR" => Some("simulator".into()),
@@ -119,7 +126,7 @@ async fn bench_app(tag: &str, slots: u32) -> Bench {
         _ => None,
     })
     .unwrap();
-    let pool = db::pool(&url, config.db_pool_size).unwrap();
+    let pool = db::pool(&app_url, config.db_pool_size).unwrap();
     db::migrate(&pool).await.expect("migrate");
     // A running service's database has history and statistics. On a brand-new empty table,
     // Postgres plans every prepared statement as if for a tiny table until autovacuum's first
@@ -195,6 +202,68 @@ impl Bench {
     }
 }
 
+/// A TCP relay between the app and Postgres that counts round trips: each time a connection's
+/// client sends after the server has answered it. Statements sent back to back without waiting
+/// (pipelined) count once, as they cost one network delay.
+struct TripCounter {
+    url: String,
+    trips: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TripCounter {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("postgres://postgres@{}", listener.local_addr().unwrap());
+        let trips = Arc::new(AtomicU64::new(0));
+        let counted = trips.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let trips = counted.clone();
+                tokio::spawn(async move {
+                    let server = tokio::net::TcpStream::connect("127.0.0.1:5432")
+                        .await
+                        .expect("the local Postgres");
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let answered = Arc::new(AtomicBool::new(true));
+                    let waiting = answered.clone();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                            if waiting.swap(false, SeqCst) {
+                                trips.fetch_add(1, SeqCst);
+                            }
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to_server.shutdown().await;
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                            // Before the client can see the answer, so its next send counts.
+                            answered.store(true, SeqCst);
+                            if to_client.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to_client.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        TripCounter { url, trips }
+    }
+
+    fn count(&self) -> u64 {
+        self.trips.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Work {
     commits: f64,
@@ -218,13 +287,13 @@ fn start_workers(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    let Dispatcher::Embedded { wake } = app.queue.clone() else {
+    let Dispatcher::Embedded { bell } = app.queue.clone() else {
         unreachable!("the bench runs the embedded queue")
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(shared::worker::run_embedded(
         app.clone(),
-        wake,
+        bell,
         async move {
             let _ = stop_rx.await;
         },
@@ -434,7 +503,8 @@ async fn ready_time(binary: &std::path::Path) -> (Duration, u64) {
     (ready, rss_kib)
 }
 
-/// BENCH_PHASES (comma separated: enqueue, http, drain, e2e, pickup, sqs, binaries) picks phases;
+/// BENCH_PHASES (comma separated: enqueue, http, drain, e2e, pickup, trips, sqs, binaries) picks
+/// phases;
 /// all by default.
 fn phase(name: &str) -> bool {
     std::env::var("BENCH_PHASES")
@@ -684,6 +754,69 @@ async fn main() {
     ));
         let _ = stop_tx.send(());
         runner.await.unwrap();
+        b.drop_database().await;
+    }
+
+    // ---- Postgres round trips per job, counted on the wire ----
+    if phase("trips") {
+        eprintln!("round trips per job, at a trickle and draining...");
+        let relay = TripCounter::start().await;
+        let b = bench_app_via("trips", 20, &relay.url).await;
+        let app = b.app.clone();
+        let (stop_tx, runner) = start_workers(&app);
+        // The first jobs also open pooled connections and prepare statements: not counted.
+        let trickle = |jobs: usize| {
+            let app = app.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                for _ in 0..jobs {
+                    tick.tick().await;
+                    enqueue_via_handler(&app).await;
+                }
+                // The last job's completion is written well within this.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        };
+        trickle(50).await;
+        let jobs = 50 * secs as usize;
+        let before = relay.count();
+        trickle(jobs).await;
+        let at_trickle = (relay.count() - before) as f64 / jobs as f64;
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+        let queued = 5000i64;
+        let before = relay.count();
+        enqueue_many(&app, queued).await;
+        let enqueue = (relay.count() - before) as f64 / queued as f64;
+        // Counted beside the relay, not through it.
+        let (watch, conn) = tokio_postgres::connect(&b.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let queued_now = || async {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM generation_jobs WHERE status IN ('queued', 'processing')",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        };
+        let before = relay.count();
+        let (stop_tx, runner) = start_workers(&app);
+        while b.noop.started.lock().unwrap().len() < 50 + jobs + queued as usize {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        while queued_now().await > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let draining = (relay.count() - before) as f64 / queued as f64;
+        let _ = stop_tx.send(());
+        runner.await.unwrap();
+        table.push(format!(
+            "| Postgres round trips per job (on the wire): at a trickle of 50 jobs/s, whole life / enqueue of {queued} / draining them with 20 workers | {at_trickle:.2} / {enqueue:.2} / {draining:.2} | |"
+        ));
         b.drop_database().await;
     }
 

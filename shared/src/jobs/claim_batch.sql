@@ -95,5 +95,12 @@ WITH held_by_user AS (
     WHERE s.slot = lapsed.slot AND s.job_id = lapsed.job_id
       AND s.slot NOT IN (SELECT slot FROM claimed)
     RETURNING s.slot
+), left_waiting AS (
+    -- Whether a due job is still waiting once these are claimed (for a slot, or for its user's
+    -- allowance). While none is and no job has come since, the embedded queue's completer
+    -- writes completions alone instead of asking for a claim that would find nothing.
+    SELECT EXISTS (SELECT 1 FROM head WHERE id NOT IN (SELECT id FROM claimed))
+        OR EXISTS (SELECT 1 FROM reserved WHERE id NOT IN (SELECT id FROM claimed)) AS more
 )
-SELECT * FROM claimed
+-- One row even when nothing was claimed, to carry the flag.
+SELECT c.*, l.more AS left_waiting FROM left_waiting l LEFT JOIN claimed c ON true

@@ -293,6 +293,25 @@ pub async fn claim_next(
     lease: Duration,
     limits: impl Into<Limits>,
 ) -> Result<Vec<Claimed>, JobsError> {
+    Ok(claim_line(db, limit, lease, limits).await?.jobs)
+}
+
+/// What a batch claim took, and whether it left a due job waiting.
+#[derive(Debug)]
+pub struct LineClaim {
+    pub jobs: Vec<Claimed>,
+    /// A due job is still queued for a slot or for its user's allowance. When not, no claim
+    /// can take anything until a job comes (or a delayed one falls due).
+    pub left_waiting: bool,
+}
+
+/// [`claim_next`], also saying whether it left a due job waiting.
+pub async fn claim_line(
+    db: &impl GenericClient,
+    limit: i64,
+    lease: Duration,
+    limits: impl Into<Limits>,
+) -> Result<LineClaim, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
@@ -302,13 +321,23 @@ pub async fn claim_next(
         &(limits.per_user as i64),
     ];
     let rows = retrying(|| db.query(&stmt, params)).await?;
-    let mut claimed: Vec<Claimed> = rows
-        .iter()
-        .map(|r| job_from_row(r).map(|job| Claimed { job, limits }))
-        .collect::<Result<_, _>>()?;
+    let left_waiting = match rows.first() {
+        Some(row) => row.try_get("left_waiting")?,
+        None => true,
+    };
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // The one row of a claim that took nothing carries only the flag.
+        if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
+            jobs.push(Claimed {
+                job: job_from_row(row)?,
+                limits,
+            });
+        }
+    }
     // UPDATE ... RETURNING keeps no order; hand jobs out in the order they were owed a slot.
-    claimed.sort_by_key(|c| (c.job.created_at, c.job.id));
-    Ok(claimed)
+    jobs.sort_by_key(|c| (c.job.created_at, c.job.id));
+    Ok(LineClaim { jobs, left_waiting })
 }
 
 /// Records progress and renews the lease. `Ok(false)` means the attempt is no longer current.

@@ -224,6 +224,70 @@ async fn a_batch_claim_skips_a_job_another_claimer_holds_and_takes_the_next_in_l
     other.rollback().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_batch_claim_says_whether_it_left_a_due_job_waiting() {
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    let lease = Duration::from_secs(60);
+    let one_each = shared::jobs::Limits {
+        slots: 10,
+        per_user: 1,
+    };
+    let claim = |limit: i64| {
+        let conn = &conn;
+        async move {
+            shared::jobs::claim_line(conn, limit, lease, one_each)
+                .await
+                .unwrap()
+        }
+    };
+    // Nothing queued: nothing taken, nothing left.
+    let empty = claim(5).await;
+    assert!(empty.jobs.is_empty() && !empty.left_waiting);
+
+    // Three in line, two taken: one is left.
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+         SELECT gen_random_uuid(), 'user-' || g, 'moodboard', gen_random_uuid() FROM generate_series(1, 3) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let two = claim(2).await;
+    assert_eq!(two.jobs.len(), 2);
+    assert!(two.left_waiting, "a third job is still in line");
+
+    // The last one taken: the line is empty.
+    let last = claim(5).await;
+    assert_eq!(last.jobs.len(), 1);
+    assert!(!last.left_waiting);
+
+    // A job held back only by its user's allowance is still waiting: a completion of that
+    // user's running job must claim it.
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    for id in [first, second] {
+        conn.execute(
+            "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+             VALUES ($1, 'carol', 'moodboard', gen_random_uuid())",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    let carol = claim(5).await;
+    assert_eq!(
+        carol.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![first]
+    );
+    assert!(
+        carol.left_waiting,
+        "carol's second job waits for her allowance"
+    );
+    let again = claim(5).await;
+    assert!(again.jobs.is_empty());
+    assert!(again.left_waiting, "and still waits");
+}
+
 fn image(key: &str) -> shared::jobs::NewMedia {
     shared::jobs::NewMedia {
         id: Uuid::new_v4(),
