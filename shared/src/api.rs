@@ -16,7 +16,7 @@ use crate::{
     drive::{Drive, DriveError, Grant},
     idempotency,
     jobs::{self, NewJob},
-    model::{Identity, JobStatus, JobType, Media},
+    model::{Identity, Job, JobStatus, JobType, Media},
     telemetry::chain,
     App,
 };
@@ -354,6 +354,12 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
     }
     let id = Uuid::now_v7();
     tracing::Span::current().record("job_id", tracing::field::display(id));
+    // The embedded queue's runner has a free slot: a job admitted `direct` is inserted claimed
+    // and run here, without waiting for a claim.
+    let local_slot = match &app.queue {
+        crate::queue::Dispatcher::Embedded { local } => local.free_slot(),
+        crate::queue::Dispatcher::Sqs { .. } => None,
+    };
     let new = NewJob {
         id,
         owner: &owner,
@@ -363,6 +369,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         max_attempts: app.config.job_max_attempts as i32,
         limits: app.config.limits(),
         quota: app.config.quota,
+        start: local_slot.as_ref().map(|_| app.config.job_lease),
     };
     let mut conn = app.pool.get().await?;
     if app.store.is_drive() && !Drive::is_connected(&conn, &owner.user_id).await? {
@@ -372,18 +379,18 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
             "connect Google Drive first: generated media are stored there",
         ));
     }
-    let response = match &key {
+    let admitted = match &key {
         // One statement, one commit: the common path.
-        None => answer(id, jobs::insert(&conn, &new).await?),
+        None => jobs::insert(&conn, &new).await?,
         // The job and the key commit together, or neither does.
         Some(key) => {
             let canonical = json!({ "type": request.job_type, "entityId": request.entity_id, "params": request.params });
             let tx = conn.transaction().await.map_err(jobs::JobsError::from)?;
-            let response = answer(id, jobs::insert(&tx, &new).await?);
-            let body = serde_json::to_value(&response).expect("responses serialise");
+            let admitted = jobs::insert(&tx, &new).await?;
+            let body = serde_json::to_value(answer(id, admitted)).expect("responses serialise");
             if idempotency::store(&tx, &owner, key, &canonical, id, &body).await? {
                 tx.commit().await.map_err(jobs::JobsError::from)?;
-                response
+                admitted
             } else {
                 tx.rollback().await.map_err(jobs::JobsError::from)?;
                 return replay(&conn, &owner, key, &canonical).await;
@@ -391,10 +398,40 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
         }
     };
     drop(conn);
+    let response = answer(id, admitted);
 
     // The job is committed: from here on the caller gets its id whatever happens to delivery.
-    if let Err(e) = app.queue.dispatch(id, std::time::Duration::ZERO).await {
-        tracing::error!(job_id = %id, error = %chain(&e), "job accepted but its message was not sent; it stays queued");
+    match (admitted.started_at, local_slot) {
+        (Some(started_at), Some(slot)) => {
+            let claim = jobs::Claimed {
+                job: Job {
+                    id,
+                    user_id: owner.user_id.clone(),
+                    tenant_id: owner.tenant_id.clone(),
+                    job_type: request.job_type,
+                    entity_id: request.entity_id,
+                    params: request.params.clone(),
+                    status: JobStatus::Processing,
+                    progress: 0,
+                    result_media_id: None,
+                    error_message: None,
+                    attempts: 1,
+                    max_attempts: new.max_attempts,
+                    created_at: admitted.created_at,
+                    started_at: Some(started_at),
+                    completed_at: None,
+                },
+                limits: new.limits,
+            };
+            if slot.run(claim).is_err() {
+                tracing::error!(job_id = %id, "job accepted and started but the local runner has stopped; it runs again once its lease expires");
+            }
+        }
+        _ => {
+            if let Err(e) = app.queue.dispatch(id, std::time::Duration::ZERO).await {
+                tracing::error!(job_id = %id, error = %chain(&e), "job accepted but its message was not sent; it stays queued");
+            }
+        }
     }
     app.metrics
         .job_enqueued(request.job_type, response.mode == "direct");
@@ -404,7 +441,15 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
 }
 
 fn answer(id: Uuid, admitted: jobs::Admitted) -> EnqueueResponse {
-    if admitted.direct {
+    if admitted.started_at.is_some() {
+        EnqueueResponse {
+            job_id: id,
+            status: JobStatus::Processing,
+            message: "Generating now...",
+            mode: "direct",
+            position: None,
+        }
+    } else if admitted.direct {
         EnqueueResponse {
             job_id: id,
             status: JobStatus::Queued,

@@ -12,8 +12,10 @@ use std::{
 
 use aws_sdk_sqs::Client;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
+
+use crate::jobs::Claimed;
 
 /// SQS API requests this process has made (sends, batches, visibility changes, receives,
 /// deletes): what the benchmark divides by jobs to report SQS requests per job.
@@ -51,7 +53,62 @@ pub enum QueueError {
 #[derive(Clone)]
 pub enum Dispatcher {
     Sqs { client: Client, queue_url: String },
-    Embedded { bell: Arc<Doorbell> },
+    Embedded { local: Arc<LocalQueue> },
+}
+
+/// The embedded queue's shared state: its doorbell and, while its runner runs, a way for an
+/// enqueue to hand the runner a job it inserted already claimed.
+#[derive(Default)]
+pub struct LocalQueue {
+    pub bell: Doorbell,
+    runner: std::sync::Mutex<Option<Runner>>,
+}
+
+/// A running embedded runner: its local slots, and where it takes jobs started for it.
+struct Runner {
+    slots: Arc<Semaphore>,
+    jobs: StartedJobs,
+}
+
+/// Jobs an enqueue started, each with the local slot it runs on.
+pub type StartedJobs = mpsc::UnboundedSender<(Claimed, OwnedSemaphorePermit)>;
+
+impl LocalQueue {
+    /// Called by the runner as it starts: enqueues may now start jobs on its free slots.
+    pub fn open(&self, slots: Arc<Semaphore>, jobs: StartedJobs) {
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = Some(Runner { slots, jobs });
+    }
+
+    /// Called by the runner as it stops: enqueues queue their jobs again.
+    pub fn close(&self) {
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// One of the runner's free local slots, if it runs and has one.
+    pub fn free_slot(&self) -> Option<LocalSlot> {
+        let runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        let runner = runner.as_ref()?;
+        Some(LocalSlot {
+            permit: runner.slots.clone().try_acquire_owned().ok()?,
+            jobs: runner.jobs.clone(),
+        })
+    }
+}
+
+/// A local slot held for a job being enqueued; dropped unused, it is free again.
+pub struct LocalSlot {
+    permit: OwnedSemaphorePermit,
+    jobs: StartedJobs,
+}
+
+impl LocalSlot {
+    /// Hands the runner a job that was inserted claimed and committed. Gives it back if the
+    /// runner has gone (its lease then runs out and the rescuer queues it again).
+    pub fn run(self, claim: Claimed) -> Result<(), Box<Claimed>> {
+        self.jobs
+            .send((claim, self.permit))
+            .map_err(|mpsc::error::SendError((claim, _))| Box::new(claim))
+    }
 }
 
 /// The embedded queue's doorbell. A ring wakes the claimer, and is counted, so that after a
@@ -106,8 +163,8 @@ impl Doorbell {
     }
 
     /// False only when the last claim left no due job waiting and nothing has rung since.
-    /// Jobs that fall due later (delayed retries) and rescued jobs ring nothing; the claimer's
-    /// poll takes those.
+    /// A job queued with a delay (a retry's backoff) rang when it was queued, not when it falls
+    /// due; the claimer's poll takes it, as it does jobs another process queued.
     pub fn may_have_waiting(&self) -> bool {
         let quiet = self.quiet_since.load(SeqCst);
         quiet == UNKNOWN || self.rings.load(SeqCst) != quiet
@@ -121,7 +178,7 @@ impl Dispatcher {
 
     pub fn embedded() -> Self {
         Dispatcher::Embedded {
-            bell: Arc::new(Doorbell::default()),
+            local: Arc::new(LocalQueue::default()),
         }
     }
 
@@ -144,8 +201,8 @@ impl Dispatcher {
             }
             // The embedded claimer polls the table, so a delay needs no timer here; a wake-up
             // just saves it waiting for its next poll.
-            Dispatcher::Embedded { bell } => {
-                bell.ring();
+            Dispatcher::Embedded { local } => {
+                local.bell.ring();
                 Ok(())
             }
         }
@@ -183,8 +240,8 @@ impl Dispatcher {
                 }
                 Ok(sent)
             }
-            Dispatcher::Embedded { bell } => {
-                bell.ring();
+            Dispatcher::Embedded { local } => {
+                local.bell.ring();
                 Ok(job_ids.len())
             }
         }

@@ -527,6 +527,10 @@ impl Completer {
                     // its lease expires, and runs again.
                     Err(e) => {
                         tracing::warn!(jobs = batch.len(), error = %chain(&e), "a completion batch failed; writing its jobs one by one");
+                        // Jobs it claimed went back to the line: the claimer takes them.
+                        if let crate::queue::Dispatcher::Embedded { local } = &app.queue {
+                            local.bell.ring();
+                        }
                         for finished in batch {
                             let alone = write_one(&app, &finished.completion)
                                 .await
@@ -586,15 +590,25 @@ async fn write_batch(
 ) -> Result<(std::collections::HashSet<uuid::Uuid>, Vec<Claimed>), WorkerError> {
     let completions: Vec<&jobs::Completion> = batch.iter().map(|f| &f.completion).collect();
     let bell = match &app.queue {
-        crate::queue::Dispatcher::Embedded { bell } => Some(bell),
+        crate::queue::Dispatcher::Embedded { local } => Some(&local.bell),
         crate::queue::Dispatcher::Sqs { .. } => None,
     };
     let mut conn = app.pool.get().await?;
-    let may_claim = !stopped.load(std::sync::atomic::Ordering::Relaxed)
-        && batch.iter().any(|f| f.take_next)
-        && bell.is_none_or(|b| b.may_have_waiting());
-    if !may_claim {
-        // Nothing to claim: the completions alone, one statement.
+    let wants =
+        !stopped.load(std::sync::atomic::Ordering::Relaxed) && batch.iter().any(|f| f.take_next);
+    if let (true, Some(bell)) = (wants, bell) {
+        let quiet = claiming.lock().await;
+        if !bell.may_have_waiting() {
+            // The last claim left no job waiting and none has come since: the completions
+            // alone, in one statement. `claiming` is held through it, so every claim either
+            // ended before this look (what it found is what was looked at) or starts after
+            // this commit and sees the slots and allowances it frees.
+            let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
+            drop(quiet);
+            return Ok((applied, Vec::new()));
+        }
+    }
+    if !wants {
         let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
         return Ok((applied, Vec::new()));
     }
@@ -609,9 +623,15 @@ async fn write_batch(
         return Ok((applied, Vec::new()));
     }
     let _claiming = claiming.lock().await;
+    // What the claim finds holds only once this transaction commits: until then, and for
+    // good if it fails, the line may have jobs.
+    let token = bell.map(|b| {
+        let token = b.before_claim();
+        b.after_claim(token, None);
+        token
+    });
     let claim = tx.savepoint("claim").await.map_err(JobsError::from)?;
-    let token = bell.map(|b| b.before_claim());
-    let claimed = match jobs::claim_line(
+    let line = match jobs::claim_line(
         &claim,
         wanted as i64,
         app.config.job_lease,
@@ -621,25 +641,27 @@ async fn write_batch(
     {
         Ok(line) => {
             claim.commit().await.map_err(JobsError::from)?;
-            if let (Some(bell), Some(token)) = (bell, token) {
-                bell.after_claim(token, Some(line.left_waiting));
-            }
-            line.jobs
+            Some(line)
         }
         Err(e) => {
             tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; the claimer will take those slots");
             // It may be parked until woken; it claims after this commit, as it needs `claiming`.
             if let Some(bell) = bell {
-                bell.after_claim(token.unwrap_or_default(), None);
                 bell.ring();
             }
             claim.rollback().await.map_err(JobsError::from)?;
-            Vec::new()
+            None
         }
     };
     // Committed while the claim lock is held, so the next claim sees these slots taken.
     tx.commit().await.map_err(JobsError::from)?;
-    Ok((applied, claimed))
+    let Some(line) = line else {
+        return Ok((applied, Vec::new()));
+    };
+    if let (Some(bell), Some(token)) = (bell, token) {
+        bell.after_claim(token, Some(line.left_waiting));
+    }
+    Ok((applied, line.jobs))
 }
 
 async fn settle_failure(
@@ -812,22 +834,34 @@ async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateEr
 /// `MAX_CONCURRENT_JOBS` at a time, until `shutdown` resolves.
 pub async fn run_embedded(
     mut app: App,
-    bell: Arc<crate::queue::Doorbell>,
+    local: Arc<crate::queue::LocalQueue>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     const IDLE_POLL: Duration = Duration::from_millis(500);
+    let bell = &local.bell;
     let claiming = Arc::new(tokio::sync::Mutex::new(()));
     let completer = Completer::start(&app, claiming.clone());
     app.completions = Some(completer.clone());
+    let slots = Arc::new(Semaphore::new(app.config.max_concurrent_jobs as usize));
+    // Jobs an enqueue inserted claimed, on a slot it took from `slots`. This task ends once
+    // the queue is closed and every slot handed out has been used or dropped.
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let runs = app.clone();
+    tokio::spawn(async move {
+        while let Some((claim, permit)) = started.recv().await {
+            spawn_run(&runs, claim, permit);
+        }
+    });
+    local.open(slots.clone(), started_tx);
     // Once this loop returns, workers finish the jobs they hold but take no new ones.
-    struct Stopping(Completer);
+    struct Stopping(Completer, Arc<crate::queue::LocalQueue>);
     impl Drop for Stopping {
         fn drop(&mut self) {
+            self.1.close();
             self.0.stop();
         }
     }
-    let _stopping = Stopping(completer);
-    let slots = Arc::new(Semaphore::new(app.config.max_concurrent_jobs as usize));
+    let _stopping = Stopping(completer, local.clone());
     tokio::pin!(shutdown);
     loop {
         // Wait for at least one free slot, then claim as many jobs as there are free slots.
@@ -878,28 +912,11 @@ pub async fn run_embedded(
         // start order the order positions promised; concurrent claimers would skip each
         // other's locked rows and start later jobs first.
         for (claim, permit) in claimed.into_iter().zip(permits.drain(..)) {
-            let app = app.clone();
-            tokio::spawn(async move {
-                // A job claimed with this one's completion runs on the same permit.
-                let mut next = Some(claim);
-                while let Some(claim) = next.take() {
-                    let span = tracing::info_span!("job", job_id = %claim.job.id);
-                    match run_claimed_then(&app, claim, Handoff::Completer)
-                        .instrument(span)
-                        .await
-                    {
-                        Ok((_, Some(Next::Claimed(handed)))) => next = Some(handed),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires")
-                        }
-                    }
-                }
-                drop(permit);
-            });
+            spawn_run(&app, claim, permit);
         }
         // Asking again at once would find nothing (one more statement and commit per job at a
-        // trickle). A wake sent meanwhile is kept by `Notify`, so no new job waits for the poll.
+        // trickle). A ring sent meanwhile is kept by `Notify`, so no job enqueued meanwhile
+        // waits for the poll; one that falls due later (a retry's backoff) is found by it.
         if line_was_empty {
             tokio::select! {
                 _ = bell.rung() => {}
@@ -908,6 +925,29 @@ pub async fn run_embedded(
             }
         }
     }
+}
+
+/// Runs a claimed job on a local slot, then each job claimed with its completion, on the same
+/// slot.
+fn spawn_run(app: &App, claim: Claimed, permit: tokio::sync::OwnedSemaphorePermit) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut next = Some(claim);
+        while let Some(claim) = next.take() {
+            let span = tracing::info_span!("job", job_id = %claim.job.id);
+            match run_claimed_then(&app, claim, Handoff::Completer)
+                .instrument(span)
+                .await
+            {
+                Ok((_, Some(Next::Claimed(handed)))) => next = Some(handed),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %chain(&e), "job run failed; it stays processing until its lease expires")
+                }
+            }
+        }
+        drop(permit);
+    });
 }
 
 /// One round of what Lambda's SQS event source mapping does: receive a batch, hand it to the

@@ -252,8 +252,8 @@ async fn media(dir: PathBuf, key: &str) -> http::Response<Full<Bytes>> {
 
 async fn run_worker(app: App, shutdown: watch::Receiver<bool>) {
     match app.queue.clone() {
-        Dispatcher::Embedded { bell } => {
-            shared::worker::run_embedded(app, bell, stopped(shutdown)).await
+        Dispatcher::Embedded { local } => {
+            shared::worker::run_embedded(app, local, stopped(shutdown)).await
         }
         Dispatcher::Sqs { client, queue_url } => {
             let stop = stopped(shutdown);

@@ -76,6 +76,7 @@ async fn enqueue(pool: &deadpool_postgres::Pool, slots: u32) -> (Uuid, bool) {
             max_attempts: 50,
             limits: slots.into(),
             quota: jobs::Quota::UNLIMITED,
+            start: None,
         },
     )
     .await

@@ -287,13 +287,13 @@ fn start_workers(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
-    let Dispatcher::Embedded { bell } = app.queue.clone() else {
+    let Dispatcher::Embedded { local } = app.queue.clone() else {
         unreachable!("the bench runs the embedded queue")
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let runner = tokio::spawn(shared::worker::run_embedded(
         app.clone(),
-        bell,
+        local,
         async move {
             let _ = stop_rx.await;
         },

@@ -97,10 +97,18 @@ WITH held_by_user AS (
     RETURNING s.slot
 ), left_waiting AS (
     -- Whether a due job is still waiting once these are claimed (for a slot, or for its user's
-    -- allowance). While none is and no job has come since, the embedded queue's completer
-    -- writes completions alone instead of asking for a claim that would find nothing.
-    SELECT EXISTS (SELECT 1 FROM head WHERE id NOT IN (SELECT id FROM claimed))
-        OR EXISTS (SELECT 1 FROM reserved WHERE id NOT IN (SELECT id FROM claimed)) AS more
+    -- allowance), reserved or not, locked by someone else or not. While none is and no job has
+    -- come since, the embedded queue's completer writes completions alone instead of asking
+    -- for a claim that would find nothing.
+    -- At most $1 of the first $1 + 1 in line were claimed. Taken in line order, as in `head`,
+    -- so that even a generic plan walks the index of the line rather than the table.
+    SELECT EXISTS (SELECT 1 FROM unnest(ARRAY(SELECT id FROM waiting_jobs
+                                              ORDER BY fair_key, created_at, id LIMIT $1 + 1)) w (id)
+                   WHERE w.id <> ALL (ARRAY(SELECT id FROM claimed)))
+        OR EXISTS (SELECT 1 FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id
+                   WHERE s.job_id IS NOT NULL AND s.lease_expires_at > now()
+                     AND (q.status = 'queued') IS TRUE AND q.run_after <= now()
+                     AND q.id <> ALL (ARRAY(SELECT id FROM claimed))) AS more
 )
 -- One row even when nothing was claimed, to carry the flag.
 SELECT c.*, l.more AS left_waiting FROM left_waiting l LEFT JOIN claimed c ON true

@@ -4,6 +4,9 @@
 -- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
 -- reserve different slots, so no more jobs are answered `direct` than there were free slots.
 -- queued_ahead counts the queued jobs that will start before this one (its position - 1).
+-- With $13 (a lease in seconds: a local worker stands ready) a job given a slot does not wait
+-- for a claim: it is inserted already claimed (attempt 1, leased for $13 seconds, and so is its
+-- slot), which saves a statement and a commit before it starts. started_at says so.
 -- Abuse limits come first: a user who created $11 jobs in the last minute, or has $12 queued,
 -- gets no row inserted; recent_jobs and recent_oldest then say which limit and for how long.
 -- A limit of 0 is off, and then its count is not even made.
@@ -45,18 +48,27 @@ WITH recent AS (
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), job AS (
-    INSERT INTO generation_jobs (id, user_id, tenant_id, job_type, entity_id, params, max_attempts, fair_key)
-    SELECT $1, $2, $3, $4, $5, $6, $7, (SELECT k FROM key)
+    INSERT INTO generation_jobs (id, user_id, tenant_id, job_type, entity_id, params, max_attempts, fair_key,
+                                 status, attempts, started_at, lease_expires_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, (SELECT k FROM key),
+           CASE WHEN start THEN 'processing' ELSE 'queued' END::job_status,
+           CASE WHEN start THEN 1 ELSE 0 END,
+           CASE WHEN start THEN now() END,
+           CASE WHEN start THEN now() + make_interval(secs => $13) END
+    FROM (SELECT $13::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM free) AS start) s
     WHERE (SELECT ok FROM allowed)
-    RETURNING id, created_at, fair_key
+    RETURNING id, created_at, fair_key, started_at, lease_expires_at
 ), reserved AS (
+    -- A started job's slot is leased with it; a reservation lapses after $9 seconds.
     UPDATE job_slots s
-    SET job_id = job.id, user_id = $2, lease_expires_at = now() + make_interval(secs => $9)
+    SET job_id = job.id, user_id = $2,
+        lease_expires_at = coalesce(job.lease_expires_at, now() + make_interval(secs => $9))
     FROM job, free
     WHERE s.slot = free.slot
     RETURNING s.slot
 )
 SELECT (SELECT created_at FROM job) AS created_at,
+       (SELECT started_at FROM job) AS started_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
        (SELECT count(*) FROM generation_jobs q
         WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) AS queued_ahead,

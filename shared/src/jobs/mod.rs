@@ -90,6 +90,8 @@ pub struct NewJob<'a> {
     pub max_attempts: i32,
     pub limits: Limits,
     pub quota: Quota,
+    /// A local worker stands ready: a job given a slot is inserted claimed, with this lease.
+    pub start: Option<Duration>,
 }
 
 /// How a new job was admitted.
@@ -98,6 +100,8 @@ pub struct Admitted {
     pub created_at: DateTime<Utc>,
     /// A slot was reserved for it: it starts as soon as a worker takes its message.
     pub direct: bool,
+    /// With [`NewJob::start`], it was inserted claimed (attempt 1) at this time.
+    pub started_at: Option<DateTime<Utc>>,
     /// Queued jobs before it (its position is one more).
     pub queued_ahead: i64,
 }
@@ -207,6 +211,7 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
                 &(new.limits.per_user as i64),
                 &(new.quota.per_minute as i64),
                 &(new.quota.max_queued as i64),
+                &new.start.map(|lease| lease.as_secs_f64()),
             ],
         )
         .await?;
@@ -234,6 +239,7 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
     Ok(Admitted {
         created_at,
         direct: row.try_get("direct")?,
+        started_at: row.try_get("started_at")?,
         queued_ahead: row.try_get("queued_ahead")?,
     })
 }

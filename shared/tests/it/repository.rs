@@ -443,7 +443,7 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
         "SET plan_cache_mode = force_generic_plan; \
          PREPARE by_id (uuid, float8, int4, int8) AS {}; \
          PREPARE batch (int8, float8, int4, int8) AS {}; \
-         PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8) AS {};",
+         PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
         include_str!("../../src/jobs/claim_by_id.sql"),
         include_str!("../../src/jobs/claim_batch.sql"),
         include_str!("../../src/jobs/insert.sql"),
@@ -452,7 +452,7 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     .unwrap();
     // With the abuse limits on, as in production: the per-user queued count runs.
     let enqueue = "EXECUTE enqueue ('00000000-0000-0000-0000-000000000001', 'newcomer', NULL, \
-                   'moodboard', '00000000-0000-0000-0000-000000000002', '{}', 3, 3, 60, 3, 60, 100)";
+                   'moodboard', '00000000-0000-0000-0000-000000000002', '{}', 3, 3, 60, 3, 60, 100, 60)";
     for execute in [
         "EXECUTE by_id ('00000000-0000-0000-0000-000000000000', 60, 3, 3)",
         "EXECUTE batch (3, 60, 3, 3)",

@@ -211,13 +211,13 @@ impl TestApp {
     /// Runs the embedded queue until `jobs` jobs have completed (or 30 s have passed), then
     /// stops it.
     pub async fn run_embedded_until_completed(&self, jobs: i64) {
-        let Dispatcher::Embedded { bell } = self.app.queue.clone() else {
+        let Dispatcher::Embedded { local } = self.app.queue.clone() else {
             panic!("the app runs the embedded queue")
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let runner = tokio::spawn(shared::worker::run_embedded(
             self.app.clone(),
-            bell,
+            local,
             async move {
                 let _ = stop_rx.await;
             },
@@ -295,6 +295,7 @@ impl TestApp {
                 max_attempts: 3,
                 limits: self.app.config.limits(),
                 quota: shared::jobs::Quota::UNLIMITED,
+                start: None,
             },
         )
         .await

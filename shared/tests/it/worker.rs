@@ -259,6 +259,101 @@ async fn the_embedded_queue_runs_every_job_without_exceeding_the_concurrency_lim
 }
 
 #[tokio::test]
+async fn an_enqueue_while_a_local_worker_stands_free_hands_it_its_job_already_claimed() {
+    let t = TestApp::embedded().await;
+    // The runner's side of the embedded queue, with one local worker.
+    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
+        unreachable!()
+    };
+    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
+    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(1)), runner);
+    let enqueue = || {
+        call(
+            &t.app,
+            api_request(
+                "POST",
+                "/api/generate/character",
+                Some(&user("alice", None)),
+                Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+            ),
+        )
+    };
+    let (status, body) = enqueue().await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["mode"], "direct");
+    assert_eq!(
+        body["status"], "processing",
+        "inserted claimed, not reserved"
+    );
+    let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
+    let (claim, _worker) = started
+        .try_recv()
+        .expect("the job was handed to the runner");
+    assert_eq!((claim.job.id, claim.attempt()), (id, 1));
+    let conn = t.db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT j.status::text, j.attempts, j.started_at IS NOT NULL AS started, \
+                    s.lease_expires_at = j.lease_expires_at AS slot_leased_with_it \
+             FROM generation_jobs j JOIN job_slots s ON s.job_id = j.id WHERE j.id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "processing");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    assert!(row.get::<_, bool>(2) && row.get::<_, bool>(3));
+
+    // Its one local worker is busy: the next job only reserves a slot, for a claim to take.
+    let (_, body) = enqueue().await;
+    assert_eq!(
+        (body["mode"].as_str(), body["status"].as_str()),
+        (Some("direct"), Some("queued"))
+    );
+    assert!(started.try_recv().is_err());
+
+    // Once the runner has stopped, enqueues reserve as behind SQS.
+    local.close();
+    drop(_worker);
+    let (_, body) = enqueue().await;
+    assert_eq!(body["status"], "queued");
+}
+
+#[tokio::test]
+async fn an_enqueue_that_finds_a_job_waiting_queues_behind_it_even_with_a_local_worker_free() {
+    let t = TestApp::embedded().await;
+    // A job already waits in line (the runner is not running yet, so it was only reserved,
+    // and its reservation ran out); a new one must not overtake it.
+    let first = Uuid::now_v7();
+    t.insert_job(first, &user("bob", None), "first").await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL",
+        &[],
+    )
+    .await
+    .unwrap();
+    let admitted = shared::jobs::insert(
+        &conn,
+        &shared::jobs::NewJob {
+            id: Uuid::now_v7(),
+            owner: &user("alice", None),
+            job_type: shared::model::JobType::CharacterImage,
+            entity_id: Uuid::new_v4(),
+            params: &serde_json::json!({}),
+            max_attempts: 3,
+            limits: t.app.config.limits(),
+            quota: shared::jobs::Quota::UNLIMITED,
+            start: Some(Duration::from_secs(60)),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(admitted.started_at.is_none() && !admitted.direct);
+    assert_eq!(admitted.queued_ahead, 1);
+}
+
+#[tokio::test]
 async fn a_completion_from_an_attempt_that_lost_its_job_changes_nothing() {
     let t = TestApp::embedded().await;
     let id = Uuid::now_v7();
