@@ -709,6 +709,23 @@ async fn main() {
         let after = b.work().await;
         let _ = stop_tx.send(());
         runner.await.unwrap();
+        // Let the jobs still running write their completions before the database goes.
+        let conn = b.app.pool.get().await.unwrap();
+        for _ in 0..200 {
+            let running: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM generation_jobs WHERE status = 'processing'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(conn);
         let rate = done as f64 / elapsed.as_secs_f64();
         table.push(format!(
         "| end to end, 10 producers + 20 workers: completed (enqueued {enq_rate:.0}/s) | {rate:.0} jobs/s | {} |",
