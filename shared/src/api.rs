@@ -354,31 +354,71 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
     }
     let id = Uuid::now_v7();
     tracing::Span::current().record("job_id", tracing::field::display(id));
-    // The embedded queue's runner has a free slot: a job admitted `direct` is inserted claimed
-    // and run here, without waiting for a claim.
+    if app.store.is_drive() {
+        let conn = app.pool.get().await?;
+        if !Drive::is_connected(&conn, &owner.user_id).await? {
+            // As in the seed: the front end sends the user through Google's consent, then
+            // retries.
+            return Err(ApiError::bad(
+                "CONNECT_DRIVE_REQUIRED",
+                "connect Google Drive first: generated media are stored there",
+            ));
+        }
+    }
+    let job_type = request.job_type;
+    // A task of its own, so that a request dropped mid-way (its client gone) cannot cut the
+    // insert off from what must follow its commit: the hand-off of a job inserted claimed, or
+    // its message.
+    let admission = tokio::spawn(
+        admit(app.clone(), owner.clone(), id, request, key).instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|e| ApiError::Internal(Box::new(e)))??;
+    let response = match admission {
+        Admission::New(admitted) => answer(id, admitted),
+        Admission::Replayed(response) => return Ok(response),
+    };
+    app.metrics
+        .job_enqueued(job_type, response.mode == "direct");
+    tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = job_type.as_str(),
+        mode = response.mode, "job enqueued");
+    Ok(json_response(StatusCode::ACCEPTED, &response))
+}
+
+enum Admission {
+    New(jobs::Admitted),
+    /// A repeated `Idempotency-Key`: the answer to give.
+    Replayed(Response<Body>),
+}
+
+/// Inserts the job (with its idempotency key, if any), then hands a job inserted claimed to the
+/// local runner, or sends the job's message.
+async fn admit(
+    app: App,
+    owner: Identity,
+    id: Uuid,
+    request: JobRequest,
+    key: Option<String>,
+) -> Result<Admission, ApiError> {
+    let mut conn = app.pool.get().await?;
+    // The embedded queue's runner has a worker free: a job given a slot is inserted claimed and
+    // run at once, without waiting for a claim. Taken last, so no wait holds it.
     let local_slot = match &app.queue {
         crate::queue::Dispatcher::Embedded { local } => local.free_slot(),
         crate::queue::Dispatcher::Sqs { .. } => None,
     };
+    let (max_attempts, limits) = (app.config.job_max_attempts as i32, app.config.limits());
     let new = NewJob {
         id,
         owner: &owner,
         job_type: request.job_type,
         entity_id: request.entity_id,
         params: &request.params,
-        max_attempts: app.config.job_max_attempts as i32,
-        limits: app.config.limits(),
+        max_attempts,
+        limits,
         quota: app.config.quota,
         start: local_slot.as_ref().map(|_| app.config.job_lease),
     };
-    let mut conn = app.pool.get().await?;
-    if app.store.is_drive() && !Drive::is_connected(&conn, &owner.user_id).await? {
-        // As in the seed: the front end sends the user through Google's consent, then retries.
-        return Err(ApiError::bad(
-            "CONNECT_DRIVE_REQUIRED",
-            "connect Google Drive first: generated media are stored there",
-        ));
-    }
     let admitted = match &key {
         // One statement, one commit: the common path.
         None => jobs::insert(&conn, &new).await?,
@@ -393,12 +433,13 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
                 admitted
             } else {
                 tx.rollback().await.map_err(jobs::JobsError::from)?;
-                return replay(&conn, &owner, key, &canonical).await;
+                return Ok(Admission::Replayed(
+                    replay(&conn, &owner, key, &canonical).await?,
+                ));
             }
         }
     };
     drop(conn);
-    let response = answer(id, admitted);
 
     // The job is committed: from here on the caller gets its id whatever happens to delivery.
     match (admitted.started_at, local_slot) {
@@ -410,21 +451,21 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
                     tenant_id: owner.tenant_id.clone(),
                     job_type: request.job_type,
                     entity_id: request.entity_id,
-                    params: request.params.clone(),
+                    params: request.params,
                     status: JobStatus::Processing,
                     progress: 0,
                     result_media_id: None,
                     error_message: None,
                     attempts: 1,
-                    max_attempts: new.max_attempts,
+                    max_attempts,
                     created_at: admitted.created_at,
                     started_at: Some(started_at),
                     completed_at: None,
                 },
-                limits: new.limits,
+                limits,
             };
             if slot.run(claim).is_err() {
-                tracing::error!(job_id = %id, "job accepted and started but the local runner has stopped; it runs again once its lease expires");
+                tracing::error!(job_id = %id, "job accepted and started, but the runtime is shutting down; it runs again once its lease expires");
             }
         }
         _ => {
@@ -433,11 +474,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
             }
         }
     }
-    app.metrics
-        .job_enqueued(request.job_type, response.mode == "direct");
-    tracing::info!(job_id = %id, user_id = %owner.user_id, job_type = request.job_type.as_str(),
-        mode = response.mode, "job enqueued");
-    Ok(json_response(StatusCode::ACCEPTED, &response))
+    Ok(Admission::New(admitted))
 }
 
 fn answer(id: Uuid, admitted: jobs::Admitted) -> EnqueueResponse {

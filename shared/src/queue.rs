@@ -102,8 +102,9 @@ pub struct LocalSlot {
 }
 
 impl LocalSlot {
-    /// Hands the runner a job that was inserted claimed and committed. Gives it back if the
-    /// runner has gone (its lease then runs out and the rescuer queues it again).
+    /// Hands the runner a job that was inserted claimed and committed. The runner's hand-off
+    /// task lives until the last slot it handed out is used, so this fails only while the
+    /// runtime shuts down (the job's lease then runs out and the rescuer queues it again).
     pub fn run(self, claim: Claimed) -> Result<(), Box<Claimed>> {
         self.jobs
             .send((claim, self.permit))

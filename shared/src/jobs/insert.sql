@@ -3,7 +3,8 @@
 -- the answer is then `direct`, and the job starts as soon as a worker takes its message. SKIP
 -- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
 -- reserve different slots, so no more jobs are answered `direct` than there were free slots.
--- queued_ahead counts the queued jobs that will start before this one (its position - 1).
+-- queued_ahead counts the queued jobs that will start before this one (its position - 1); 0
+-- when direct.
 -- With $13 (a lease in seconds: a local worker stands ready) a job given a slot does not wait
 -- for a claim: it is inserted already claimed (attempt 1, leased for $13 seconds, and so is its
 -- slot), which saves a statement and a commit before it starts. started_at says so.
@@ -55,7 +56,12 @@ WITH recent AS (
            CASE WHEN start THEN 1 ELSE 0 END,
            CASE WHEN start THEN now() END,
            CASE WHEN start THEN now() + make_interval(secs => $13) END
-    FROM (SELECT $13::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM free) AS start) s
+    -- Not ahead of a due job holding a reservation: that one starts first, on the next claim.
+    FROM (SELECT $13::float8 IS NOT NULL AND EXISTS (SELECT 1 FROM free)
+                 AND NOT EXISTS (SELECT 1 FROM job_slots r JOIN generation_jobs q ON q.id = r.job_id
+                                 WHERE r.job_id IS NOT NULL AND r.lease_expires_at > now()
+                                   AND (q.status = 'queued') IS TRUE AND q.run_after <= now())
+                 AS start) s
     WHERE (SELECT ok FROM allowed)
     RETURNING id, created_at, fair_key, started_at, lease_expires_at
 ), reserved AS (
@@ -70,7 +76,9 @@ WITH recent AS (
 SELECT (SELECT created_at FROM job) AS created_at,
        (SELECT started_at FROM job) AS started_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
-       (SELECT count(*) FROM generation_jobs q
-        WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) AS queued_ahead,
+       -- Only a queued answer has a position: a direct one is spared the count.
+       CASE WHEN EXISTS (SELECT 1 FROM reserved) THEN 0
+            ELSE (SELECT count(*) FROM generation_jobs q
+                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) END AS queued_ahead,
        (SELECT n FROM recent) AS recent_jobs,
        (SELECT oldest FROM recent) AS recent_oldest

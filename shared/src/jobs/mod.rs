@@ -102,7 +102,7 @@ pub struct Admitted {
     pub direct: bool,
     /// With [`NewJob::start`], it was inserted claimed (attempt 1) at this time.
     pub started_at: Option<DateTime<Utc>>,
-    /// Queued jobs before it (its position is one more).
+    /// Queued jobs before it (its position is one more); 0 when `direct`.
     pub queued_ahead: i64,
 }
 

@@ -320,6 +320,36 @@ async fn an_enqueue_while_a_local_worker_stands_free_hands_it_its_job_already_cl
 }
 
 #[tokio::test]
+async fn an_enqueue_does_not_start_ahead_of_a_job_that_holds_a_reservation() {
+    let t = TestApp::embedded().await;
+    // Reserved while the runner had no worker free (or before it ran): it starts first.
+    let reserved = Uuid::now_v7();
+    t.insert_job(reserved, &user("bob", None), "reserved").await;
+    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
+        unreachable!()
+    };
+    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
+    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(2)), runner);
+    let (_, body) = call(
+        &t.app,
+        api_request(
+            "POST",
+            "/api/generate/character",
+            Some(&user("alice", None)),
+            Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (body["mode"].as_str(), body["status"].as_str()),
+        (Some("direct"), Some("queued")),
+        "a slot is free, but the reserved job goes first: {body}"
+    );
+    assert!(started.try_recv().is_err());
+    local.close();
+}
+
+#[tokio::test]
 async fn an_enqueue_that_finds_a_job_waiting_queues_behind_it_even_with_a_local_worker_free() {
     let t = TestApp::embedded().await;
     // A job already waits in line (the runner is not running yet, so it was only reserved,
