@@ -156,7 +156,7 @@ async fn process_record(
     };
     match claim {
         ClaimResult::Claimed(claim) => {
-            let (outcome, next) = run_claimed_then(app, claim, Handoff::Return).await?;
+            let (outcome, next) = run_claimed_then(app, *claim, Handoff::Return).await?;
             if let Some(Next::Waiting(next)) = next {
                 run_chain(app, next, deadline).await;
             }
@@ -200,7 +200,7 @@ async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::
         }
         .await;
         let claim = match claim {
-            Ok(ClaimResult::Claimed(claim)) => claim,
+            Ok(ClaimResult::Claimed(claim)) => *claim,
             // Two jobs finishing at once can both name the same next job, and the other
             // worker claimed it: this slot then goes to whoever is first in line now (whose
             // message may already have been acknowledged).

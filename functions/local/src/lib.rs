@@ -66,19 +66,11 @@ pub fn start(
 ) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let (shutdown, _) = watch::channel(false);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(
-        app.clone(),
-        verifier,
-        listener,
-        shutdown.subscribe(),
-    )));
-    tasks.push(tokio::spawn(run_worker(app.clone(), shutdown.subscribe())));
-    tasks.push(tokio::spawn(run_poller(
-        app,
-        poll_every,
-        shutdown.subscribe(),
-    )));
+    let tasks = vec![
+        tokio::spawn(serve(app.clone(), verifier, listener, shutdown.subscribe())),
+        tokio::spawn(run_worker(app.clone(), shutdown.subscribe())),
+        tokio::spawn(run_poller(app, poll_every, shutdown.subscribe())),
+    ];
     Ok(Running {
         addr,
         shutdown,

@@ -247,7 +247,7 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
 /// What a claim of one named job found.
 #[derive(Debug)]
 pub enum ClaimResult {
-    Claimed(Claimed),
+    Claimed(Box<Claimed>),
     /// Queued and due, but every slot is taken.
     NoSlot,
     /// Queued, but backing off until then.
@@ -273,10 +273,10 @@ pub async fn claim_by_id(
         &(limits.per_user as i64),
     ];
     if let Some(row) = retrying(|| db.query_opt(&stmt, params)).await? {
-        return Ok(ClaimResult::Claimed(Claimed {
+        return Ok(ClaimResult::Claimed(Box::new(Claimed {
             job: job_from_row(&row)?,
             limits,
-        }));
+        })));
     }
     let stmt = db.prepare_cached(include_str!("claim_state.sql")).await?;
     Ok(match db.query_opt(&stmt, &[&id]).await? {

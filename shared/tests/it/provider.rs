@@ -605,8 +605,12 @@ async fn downloads_that_break_a_rule_fail_the_job_and_store_nothing() {
         p.serve("big.png", "image/png", &vec![7u8; 1024 * 1024 + 1])
             .await;
         p.serve("page.png", "text/html", b"<html>").await;
-        p.answer("/api/v6/images/text2img", 200, success(&[url.clone()]))
-            .await;
+        p.answer(
+            "/api/v6/images/text2img",
+            200,
+            success(std::slice::from_ref(&url)),
+        )
+        .await;
         let id = p
             .job(&alice(), JobType::CharacterImage, json!({ "prompt": "x" }))
             .await;

@@ -313,7 +313,7 @@ pub async fn claim_result(t: &TestApp, id: Uuid) -> ClaimResult {
 
 pub async fn claim(t: &TestApp, id: Uuid) -> shared::jobs::Claimed {
     match claim_result(t, id).await {
-        ClaimResult::Claimed(c) => c,
+        ClaimResult::Claimed(c) => *c,
         other => panic!("expected to claim {id}, got {other:?}"),
     }
 }
