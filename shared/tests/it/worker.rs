@@ -320,6 +320,33 @@ async fn an_enqueue_while_a_local_worker_stands_free_hands_it_its_job_already_cl
 }
 
 #[tokio::test]
+async fn an_enqueue_whose_client_goes_away_midway_still_hands_its_started_job_over() {
+    let t = TestApp::embedded().await;
+    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
+        unreachable!()
+    };
+    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
+    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(1)), runner);
+    let request = api_request(
+        "POST",
+        "/api/generate/character",
+        Some(&user("alice", None)),
+        Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+    );
+    // The server drops the request's future at the first point it waits, as hyper does when
+    // the client disconnects.
+    let dropped = tokio::time::timeout(Duration::ZERO, shared::api::handle(&t.app, request)).await;
+    assert!(dropped.is_err(), "the handler had to wait for the database");
+    let (claim, _worker) = tokio::time::timeout(Duration::from_secs(30), started.recv())
+        .await
+        .expect("the started job was handed to the runner")
+        .expect("the runner's side is open");
+    assert_eq!(t.status_of(claim.job.id).await, "processing");
+    assert_eq!(claim.attempt(), 1);
+    local.close();
+}
+
+#[tokio::test]
 async fn an_enqueue_does_not_start_ahead_of_a_job_that_holds_a_reservation() {
     let t = TestApp::embedded().await;
     // Reserved while the runner had no worker free (or before it ran): it starts first.
