@@ -258,26 +258,44 @@ async fn the_embedded_queue_runs_every_job_without_exceeding_the_concurrency_lim
     );
 }
 
+/// The runner's side of the embedded queue, opened as `run_embedded` opens it, with `workers`
+/// local workers: what an enqueue hands over arrives on the receiver.
+fn open_local_runner(
+    t: &TestApp,
+    workers: usize,
+) -> (
+    std::sync::Arc<shared::queue::LocalQueue>,
+    tokio::sync::mpsc::UnboundedReceiver<(
+        shared::jobs::Claimed,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+) {
+    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
+        unreachable!("the app runs the embedded queue")
+    };
+    let (runner, started) = tokio::sync::mpsc::unbounded_channel();
+    local.open(
+        std::sync::Arc::new(tokio::sync::Semaphore::new(workers)),
+        runner,
+    );
+    (local, started)
+}
+
+/// A character job posted by `who`.
+fn character_for(who: &str) -> lambda_http::Request {
+    api_request(
+        "POST",
+        "/api/generate/character",
+        Some(&user(who, None)),
+        Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
+    )
+}
+
 #[tokio::test]
 async fn an_enqueue_while_a_local_worker_stands_free_hands_it_its_job_already_claimed() {
     let t = TestApp::embedded().await;
-    // The runner's side of the embedded queue, with one local worker.
-    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
-        unreachable!()
-    };
-    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
-    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(1)), runner);
-    let enqueue = || {
-        call(
-            &t.app,
-            api_request(
-                "POST",
-                "/api/generate/character",
-                Some(&user("alice", None)),
-                Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
-            ),
-        )
-    };
+    let (local, mut started) = open_local_runner(&t, 1);
+    let enqueue = || call(&t.app, character_for("alice"));
     let (status, body) = enqueue().await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["mode"], "direct");
@@ -322,17 +340,8 @@ async fn an_enqueue_while_a_local_worker_stands_free_hands_it_its_job_already_cl
 #[tokio::test]
 async fn an_enqueue_whose_client_goes_away_midway_still_hands_its_started_job_over() {
     let t = TestApp::embedded().await;
-    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
-        unreachable!()
-    };
-    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
-    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(1)), runner);
-    let request = api_request(
-        "POST",
-        "/api/generate/character",
-        Some(&user("alice", None)),
-        Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
-    );
+    let (local, mut started) = open_local_runner(&t, 1);
+    let request = character_for("alice");
     // The server drops the request's future at the first point it waits, as hyper does when
     // the client disconnects.
     let dropped = tokio::time::timeout(Duration::ZERO, shared::api::handle(&t.app, request)).await;
@@ -352,21 +361,8 @@ async fn an_enqueue_does_not_start_ahead_of_a_job_that_holds_a_reservation() {
     // Reserved while the runner had no worker free (or before it ran): it starts first.
     let reserved = Uuid::now_v7();
     t.insert_job(reserved, &user("bob", None), "reserved").await;
-    let Dispatcher::Embedded { local } = t.app.queue.clone() else {
-        unreachable!()
-    };
-    let (runner, mut started) = tokio::sync::mpsc::unbounded_channel();
-    local.open(std::sync::Arc::new(tokio::sync::Semaphore::new(2)), runner);
-    let (_, body) = call(
-        &t.app,
-        api_request(
-            "POST",
-            "/api/generate/character",
-            Some(&user("alice", None)),
-            Some(r#"{"characterId":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"}"#),
-        ),
-    )
-    .await;
+    let (local, mut started) = open_local_runner(&t, 2);
+    let (_, body) = call(&t.app, character_for("alice")).await;
     assert_eq!(
         (body["mode"].as_str(), body["status"].as_str()),
         (Some("direct"), Some("queued")),
