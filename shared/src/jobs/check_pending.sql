@@ -5,5 +5,6 @@ SET progress = GREATEST(progress, $3),
     provider_expected_at = COALESCE(now() + make_interval(secs => $4), provider_expected_at),
     next_check_at = LEAST(now() + make_interval(secs => $5), provider_deadline),
     updated_at = now()
-WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at IS NULL
+-- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2 AND lease_expires_at IS NULL
 RETURNING progress

@@ -3,7 +3,8 @@
 -- for the attempt ($4) it names.
 UPDATE generation_jobs j
 SET next_check_at = now() + make_interval(secs => $3), checked_at = now()
-WHERE id = $1 AND status = 'processing' AND lease_expires_at IS NULL
+-- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+WHERE id = $1 AND (status = 'processing') IS TRUE AND lease_expires_at IS NULL
   AND checked_at <= now() - make_interval(secs => $2)
   AND ($4::int4 IS NULL OR attempts = $4)
 RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress,

@@ -3,7 +3,8 @@
 -- The row is locked first so that media are written only if the completion itself will apply.
 WITH job AS (
     SELECT id, user_id, tenant_id FROM generation_jobs
-    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    -- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+    WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2
     FOR UPDATE
 ), media AS (
     INSERT INTO generated_media (id, job_id, user_id, tenant_id, ordinal, media_type, mime_type,

@@ -6,7 +6,8 @@ WITH job AS (
         lease_expires_at = NULL,
         completed_at = now(),
         updated_at = now()
-    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    -- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+    WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2
     RETURNING id, user_id, attempts
 ), released AS (
     UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL

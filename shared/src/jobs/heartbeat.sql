@@ -6,7 +6,8 @@ WITH job AS (
     SET progress = GREATEST(progress, $3),
         lease_expires_at = now() + make_interval(secs => $4),
         updated_at = now()
-    WHERE id = $1 AND status = 'processing' AND attempts = $2
+    -- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+    WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2
       AND EXISTS (SELECT 1 FROM job_slots WHERE job_id = $1)
     RETURNING id, progress, lease_expires_at
 ), slot AS (

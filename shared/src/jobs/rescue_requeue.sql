@@ -7,7 +7,8 @@ WITH job AS (
         lease_expires_at = NULL,
         run_after = $4,
         updated_at = now()
-    WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at < now()
+    -- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+    WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2 AND lease_expires_at < now()
     RETURNING id, attempts
 ), released AS (
     UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL

@@ -12,7 +12,8 @@ WITH job AS (
         progress = GREATEST(progress, 10),
         lease_expires_at = NULL,
         updated_at = now()
-    WHERE id = $1 AND status = 'processing' AND attempts = $2 AND lease_expires_at IS NOT NULL
+    -- IS TRUE: by primary key, never by walking a partial index of processing jobs.
+    WHERE id = $1 AND (status = 'processing') IS TRUE AND attempts = $2 AND lease_expires_at IS NOT NULL
     RETURNING id, user_id, provider_deadline
 ), kept AS (
     UPDATE job_slots s SET lease_expires_at = job.provider_deadline + interval '5 minutes'

@@ -489,6 +489,96 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     }
 }
 
+#[tokio::test]
+async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_none_running() {
+    // Statistics taken while nothing ran, then many jobs running or waiting on the provider:
+    // a generic plan could walk a partial index of processing jobs for the one id it wants.
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.batch_execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
+                                      created_at, started_at, completed_at, error_message) \
+         SELECT gen_random_uuid(), 'history-' || (g % 50), 'moodboard', gen_random_uuid(), \
+                'failed', 1, now() - interval '1 day', now() - interval '1 day', \
+                now() - interval '1 day', 'history' \
+         FROM generate_series(1, 5000) g; \
+         ANALYZE generation_jobs; \
+         INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
+                                      started_at, lease_expires_at) \
+         SELECT gen_random_uuid(), 'busy-' || (g % 20), 'moodboard', gen_random_uuid(), \
+                'processing', 1, now(), now() + interval '5 minutes' \
+         FROM generate_series(1, 2000) g; \
+         INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
+                                      started_at, external_job_id, submitted_at, next_check_at, \
+                                      provider_deadline) \
+         SELECT gen_random_uuid(), 'video-' || (g % 20), 'animation', gen_random_uuid(), \
+                'processing', 1, now(), 'ext-' || g, now(), now() + interval '1 minute', \
+                now() + interval '1 hour' \
+         FROM generate_series(1, 2000) g; \
+         SET plan_cache_mode = force_generic_plan;",
+    )
+    .await
+    .unwrap();
+    let statements = [
+        ("heartbeat", include_str!("../../src/jobs/heartbeat.sql")),
+        ("complete", include_str!("../../src/jobs/complete.sql")),
+        ("fail", include_str!("../../src/jobs/fail.sql")),
+        ("requeue", include_str!("../../src/jobs/requeue.sql")),
+        ("submitted", include_str!("../../src/jobs/submitted.sql")),
+        (
+            "check_pending",
+            include_str!("../../src/jobs/check_pending.sql"),
+        ),
+        (
+            "claim_check",
+            include_str!("../../src/jobs/claim_check.sql"),
+        ),
+        (
+            "rescue_fail",
+            include_str!("../../src/jobs/rescue_fail.sql"),
+        ),
+        (
+            "rescue_requeue",
+            include_str!("../../src/jobs/rescue_requeue.sql"),
+        ),
+    ];
+    for (name, sql) in statements {
+        conn.batch_execute(&format!("PREPARE {name} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
+        // Postgres inferred each parameter's type; a generic plan does not look at values.
+        let params = (1..=99)
+            .take_while(|n| sql.contains(&format!("${n}")))
+            .map(|_| "NULL")
+            .collect::<Vec<_>>()
+            .join(", ");
+        let row = conn
+            .query_one(
+                &format!("EXPLAIN (FORMAT JSON) EXECUTE {name} ({params})"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("explain {name}: {e}"));
+        let plan: serde_json::Value = row.get(0);
+        let mut scans = Vec::new();
+        index_conditions(&plan[0]["Plan"], &mut scans);
+        let walked: Vec<_> = scans
+            .iter()
+            .filter(|(index, cond)| index.starts_with("idx_jobs_") && cond.contains("(id ="))
+            .collect();
+        assert!(
+            walked.is_empty(),
+            "{name} walks a partial index of jobs for one id: {walked:?}"
+        );
+        assert!(
+            scans
+                .iter()
+                .any(|(index, cond)| index == "generation_jobs_pkey" && cond.contains("(id =")),
+            "{name} finds its job by primary key: {scans:?}"
+        );
+    }
+}
+
 async fn slot_users(conn: &deadpool_postgres::Object) -> Vec<Option<String>> {
     conn.query(
         "SELECT user_id FROM job_slots WHERE job_id IS NOT NULL OR user_id IS NOT NULL",
