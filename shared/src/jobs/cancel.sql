@@ -6,8 +6,9 @@ WITH job AS (
         lease_expires_at = NULL,
         completed_at = now(),
         updated_at = now()
+    -- IS TRUE: by primary key, never by walking the user's in-flight jobs.
     WHERE id = $1 AND user_id = $2 AND tenant_id IS NOT DISTINCT FROM $3
-      AND status IN ('queued', 'processing')
+      AND (status IN ('queued', 'processing')) IS TRUE
     RETURNING id, user_id
 ), released AS (
     UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL

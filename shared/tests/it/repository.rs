@@ -541,6 +541,7 @@ async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_
             "rescue_requeue",
             include_str!("../../src/jobs/rescue_requeue.sql"),
         ),
+        ("cancel", include_str!("../../src/jobs/cancel.sql")),
     ];
     for (name, sql) in statements {
         conn.batch_execute(&format!("PREPARE {name} AS {sql}"))
