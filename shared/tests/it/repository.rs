@@ -418,6 +418,16 @@ fn index_conditions(plan: &serde_json::Value, found: &mut Vec<(String, String)>)
     }
 }
 
+/// Settled history only, then `ANALYZE`: statistics taken in a quiet hour, before a burst.
+const QUIET_HOUR_STATISTICS: &str =
+    "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
+                                  created_at, started_at, completed_at, error_message) \
+     SELECT gen_random_uuid(), 'history-' || (g % 50), 'moodboard', gen_random_uuid(), \
+            'failed', 1, now() - interval '1 day', now() - interval '1 day', \
+            now() - interval '1 day', 'history' \
+     FROM generate_series(1, 5000) g; \
+     ANALYZE generation_jobs;";
+
 #[tokio::test]
 async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_queued_jobs() {
     // Statistics taken in a quiet moment (only settled jobs), then a burst of queued jobs: the
@@ -426,16 +436,11 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     let t = TestApp::embedded().await;
     let conn = t.db.pool.get().await.unwrap();
     conn.batch_execute(
-        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
-                                      created_at, started_at, completed_at, error_message) \
-         SELECT gen_random_uuid(), 'history-' || (g % 50), 'moodboard', gen_random_uuid(), \
-                'failed', 1, now() - interval '1 day', now() - interval '1 day', \
-                now() - interval '1 day', 'history' \
-         FROM generate_series(1, 5000) g; \
-         ANALYZE generation_jobs; \
+        &(QUIET_HOUR_STATISTICS.to_owned()
+            + "\
          INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
          SELECT gen_random_uuid(), 'burst', 'moodboard', gen_random_uuid(), g \
-         FROM generate_series(1, 3000) g;",
+         FROM generate_series(1, 3000) g;"),
     )
     .await
     .unwrap();
@@ -496,13 +501,8 @@ async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_
     let t = TestApp::embedded().await;
     let conn = t.db.pool.get().await.unwrap();
     conn.batch_execute(
-        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
-                                      created_at, started_at, completed_at, error_message) \
-         SELECT gen_random_uuid(), 'history-' || (g % 50), 'moodboard', gen_random_uuid(), \
-                'failed', 1, now() - interval '1 day', now() - interval '1 day', \
-                now() - interval '1 day', 'history' \
-         FROM generate_series(1, 5000) g; \
-         ANALYZE generation_jobs; \
+        &(QUIET_HOUR_STATISTICS.to_owned()
+            + "\
          INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
                                       started_at, lease_expires_at) \
          SELECT gen_random_uuid(), 'busy-' || (g % 20), 'moodboard', gen_random_uuid(), \
@@ -515,7 +515,7 @@ async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_
                 'processing', 1, now(), 'ext-' || g, now(), now() + interval '1 minute', \
                 now() + interval '1 hour' \
          FROM generate_series(1, 2000) g; \
-         SET plan_cache_mode = force_generic_plan;",
+         SET plan_cache_mode = force_generic_plan;"),
     )
     .await
     .unwrap();
