@@ -16,7 +16,7 @@ use crate::{
     drive::{Drive, DriveError, Grant},
     idempotency,
     jobs::{self, NewJob},
-    model::{Identity, Job, JobStatus, JobType, Media},
+    model::{Identity, JobStatus, JobType, Media},
     telemetry::chain,
     App,
 };
@@ -375,7 +375,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
     .await
     .map_err(|e| ApiError::Internal(Box::new(e)))??;
     let response = match admission {
-        Admission::New(admitted) => answer(id, admitted),
+        Admission::New(response) => response,
         Admission::Replayed(response) => return Ok(response),
     };
     app.metrics
@@ -386,7 +386,7 @@ async fn enqueue(app: &App, req: &Request, kind: &str) -> Result<Response<Body>,
 }
 
 enum Admission {
-    New(jobs::Admitted),
+    New(EnqueueResponse),
     /// A repeated `Idempotency-Key`: the answer to give.
     Replayed(Response<Body>),
 }
@@ -407,15 +407,14 @@ async fn admit(
         crate::queue::Dispatcher::Embedded { local } => local.free_slot(),
         crate::queue::Dispatcher::Sqs { .. } => None,
     };
-    let (max_attempts, limits) = (app.config.job_max_attempts as i32, app.config.limits());
     let new = NewJob {
         id,
         owner: &owner,
         job_type: request.job_type,
         entity_id: request.entity_id,
         params: &request.params,
-        max_attempts,
-        limits,
+        max_attempts: app.config.job_max_attempts as i32,
+        limits: app.config.limits(),
         quota: app.config.quota,
         start: local_slot.as_ref().map(|_| app.config.job_lease),
     };
@@ -427,7 +426,7 @@ async fn admit(
             let canonical = json!({ "type": request.job_type, "entityId": request.entity_id, "params": request.params });
             let tx = conn.transaction().await.map_err(jobs::JobsError::from)?;
             let admitted = jobs::insert(&tx, &new).await?;
-            let body = serde_json::to_value(answer(id, admitted)).expect("responses serialise");
+            let body = serde_json::to_value(answer(id, &admitted)).expect("responses serialise");
             if idempotency::store(&tx, &owner, key, &canonical, id, &body).await? {
                 tx.commit().await.map_err(jobs::JobsError::from)?;
                 admitted
@@ -442,28 +441,9 @@ async fn admit(
     drop(conn);
 
     // The job is committed: from here on the caller gets its id whatever happens to delivery.
-    match (admitted.started_at, local_slot) {
-        (Some(started_at), Some(slot)) => {
-            let claim = jobs::Claimed {
-                job: Job {
-                    id,
-                    user_id: owner.user_id.clone(),
-                    tenant_id: owner.tenant_id.clone(),
-                    job_type: request.job_type,
-                    entity_id: request.entity_id,
-                    params: request.params,
-                    status: JobStatus::Processing,
-                    progress: 0,
-                    result_media_id: None,
-                    error_message: None,
-                    attempts: 1,
-                    max_attempts,
-                    created_at: admitted.created_at,
-                    started_at: Some(started_at),
-                    completed_at: None,
-                },
-                limits,
-            };
+    let response = answer(id, &admitted);
+    match (admitted.started, local_slot) {
+        (Some(claim), Some(slot)) => {
             if slot.run(claim).is_err() {
                 tracing::error!(job_id = %id, "job accepted and started, but the runtime is shutting down; it runs again once its lease expires");
             }
@@ -474,11 +454,11 @@ async fn admit(
             }
         }
     }
-    Ok(Admission::New(admitted))
+    Ok(Admission::New(response))
 }
 
-fn answer(id: Uuid, admitted: jobs::Admitted) -> EnqueueResponse {
-    if admitted.started_at.is_some() {
+fn answer(id: Uuid, admitted: &jobs::Admitted) -> EnqueueResponse {
+    if admitted.started.is_some() {
         EnqueueResponse {
             job_id: id,
             status: JobStatus::Processing,

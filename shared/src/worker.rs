@@ -596,19 +596,19 @@ async fn write_batch(
     let mut conn = app.pool.get().await?;
     let wants =
         !stopped.load(std::sync::atomic::Ordering::Relaxed) && batch.iter().any(|f| f.take_next);
-    if let (true, Some(bell)) = (wants, bell) {
-        let quiet = claiming.lock().await;
-        if !bell.may_have_waiting() {
-            // The last claim left no job waiting and none has come since: the completions
-            // alone, in one statement. `claiming` is held through it, so every claim either
-            // ended before this look (what it found is what was looked at) or starts after
-            // this commit and sees the slots and allowances it frees.
-            let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
-            drop(quiet);
-            return Ok((applied, Vec::new()));
+    // While the last claim left no job waiting and none has come since, a claim would find
+    // nothing. `claiming` is then held through the write, so every claim either ended before
+    // this look (what it found is what was looked at) or starts after this commit and sees
+    // the slots and allowances it frees.
+    let quiet = match (wants, bell) {
+        (true, Some(bell)) => {
+            let guard = claiming.lock().await;
+            (!bell.may_have_waiting()).then_some(guard)
         }
-    }
-    if !wants {
+        _ => None,
+    };
+    if !wants || quiet.is_some() {
+        // The completions alone, in one statement.
         let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
         return Ok((applied, Vec::new()));
     }

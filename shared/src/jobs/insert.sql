@@ -63,7 +63,7 @@ WITH recent AS (
                                    AND (q.status = 'queued') IS TRUE AND q.run_after <= now())
                  AS start) s
     WHERE (SELECT ok FROM allowed)
-    RETURNING id, created_at, fair_key, started_at, lease_expires_at
+    RETURNING *
 ), reserved AS (
     -- A started job's slot is leased with it; a reservation lapses after $9 seconds.
     UPDATE job_slots s
@@ -73,8 +73,11 @@ WITH recent AS (
     WHERE s.slot = free.slot
     RETURNING s.slot
 )
-SELECT (SELECT created_at FROM job) AS created_at,
-       (SELECT started_at FROM job) AS started_at,
+-- The job as a claim returns it; its params only when it started (only then are they read).
+SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
+       CASE WHEN j.started_at IS NOT NULL THEN j.params END AS params,
+       j.status, j.progress, j.result_media_id, j.error_message, j.attempts, j.max_attempts,
+       j.created_at, j.started_at, j.completed_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
        -- Only a queued answer has a position: a direct one is spared the count.
        CASE WHEN EXISTS (SELECT 1 FROM reserved) THEN 0
@@ -82,3 +85,4 @@ SELECT (SELECT created_at FROM job) AS created_at,
                   WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) END AS queued_ahead,
        (SELECT n FROM recent) AS recent_jobs,
        (SELECT oldest FROM recent) AS recent_oldest
+FROM (SELECT 1) one LEFT JOIN job j ON true

@@ -95,13 +95,13 @@ pub struct NewJob<'a> {
 }
 
 /// How a new job was admitted.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Admitted {
     pub created_at: DateTime<Utc>,
     /// A slot was reserved for it: it starts as soon as a worker takes its message.
     pub direct: bool,
-    /// With [`NewJob::start`], it was inserted claimed (attempt 1) at this time.
-    pub started_at: Option<DateTime<Utc>>,
+    /// With [`NewJob::start`], it was inserted claimed (attempt 1): run it.
+    pub started: Option<Claimed>,
     /// Queued jobs before it (its position is one more); 0 when `direct`.
     pub queued_ahead: i64,
 }
@@ -236,10 +236,17 @@ pub async fn insert(db: &impl GenericClient, new: &NewJob<'_>) -> Result<Admitte
             },
         ));
     };
+    let started = match row.try_get::<_, Option<DateTime<Utc>>>("started_at")? {
+        Some(_) => Some(Claimed {
+            job: job_from_row(&row)?,
+            limits: new.limits,
+        }),
+        None => None,
+    };
     Ok(Admitted {
         created_at,
         direct: row.try_get("direct")?,
-        started_at: row.try_get("started_at")?,
+        started,
         queued_ahead: row.try_get("queued_ahead")?,
     })
 }

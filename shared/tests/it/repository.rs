@@ -196,13 +196,8 @@ async fn a_batch_claim_skips_a_job_another_claimer_holds_and_takes_the_next_in_l
     t.insert_job(held, &user("alice", None), "held").await;
     t.insert_job(next, &user("bob", None), "next").await;
     // Both wait in line: no reservations.
+    t.free_all_slots().await;
     let conn = t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL",
-        &[],
-    )
-    .await
-    .unwrap();
     let mut other = t.db.pool.get().await.unwrap();
     let other = other.transaction().await.unwrap();
     other

@@ -242,6 +242,18 @@ impl TestApp {
         runner.await.unwrap();
     }
 
+    /// Frees every slot, as if every reservation had been taken back: queued jobs then wait in
+    /// line for one.
+    pub async fn free_all_slots(&self) {
+        let conn = self.db.pool.get().await.unwrap();
+        conn.execute(
+            "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+
     pub async fn job_row(&self, id: Uuid) -> tokio_postgres::Row {
         let conn = self.db.pool.get().await.unwrap();
         conn.query_one(

@@ -379,13 +379,8 @@ async fn an_enqueue_that_finds_a_job_waiting_queues_behind_it_even_with_a_local_
     // and its reservation ran out); a new one must not overtake it.
     let first = Uuid::now_v7();
     t.insert_job(first, &user("bob", None), "first").await;
+    t.free_all_slots().await;
     let conn = t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL",
-        &[],
-    )
-    .await
-    .unwrap();
     let admitted = shared::jobs::insert(
         &conn,
         &shared::jobs::NewJob {
@@ -402,7 +397,7 @@ async fn an_enqueue_that_finds_a_job_waiting_queues_behind_it_even_with_a_local_
     )
     .await
     .unwrap();
-    assert!(admitted.started_at.is_none() && !admitted.direct);
+    assert!(admitted.started.is_none() && !admitted.direct);
     assert_eq!(admitted.queued_ahead, 1);
 }
 
