@@ -220,6 +220,34 @@ async fn a_batch_claim_skips_a_job_another_claimer_holds_and_takes_the_next_in_l
 }
 
 #[tokio::test]
+async fn the_outbox_resends_the_jobs_that_start_first_when_more_are_due_than_it_takes() {
+    let t = TestApp::embedded().await;
+    let alice: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let bob = Uuid::now_v7();
+    for id in &alice {
+        t.insert_job(*id, &user("alice", None), "mine").await;
+    }
+    t.insert_job(bob, &user("bob", None), "his").await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET created_at = created_at - interval '5 minutes', run_after = run_after - interval '5 minutes'",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // Bob's one job shares the line's front with Alice's first, ahead of her other two, though
+    // it came last.
+    let mut resent = shared::jobs::take_undispatched(&conn, Duration::from_secs(60), 2)
+        .await
+        .unwrap();
+    resent.sort();
+    let mut first_in_line = vec![alice[0], bob];
+    first_in_line.sort();
+    assert_eq!(resent, first_in_line);
+}
+
+#[tokio::test]
 async fn a_batch_claim_says_whether_it_left_a_due_job_waiting() {
     let t = TestApp::embedded().await;
     let conn = t.db.pool.get().await.unwrap();
