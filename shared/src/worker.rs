@@ -613,12 +613,16 @@ async fn write_batch(
         return Ok((applied, Vec::new()));
     }
     let mut tx = conn.transaction().await.map_err(JobsError::from)?;
-    let applied = jobs::complete_many(&tx, &completions, app.generator.model()).await?;
+    // Their slots stay held for the claim below to hand straight on.
+    let applied =
+        jobs::complete_many_keeping_slots(&tx, &completions, app.generator.model()).await?;
+    let handed: Vec<uuid::Uuid> = applied.iter().copied().collect();
     let wanted = batch
         .iter()
         .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
         .count();
     if wanted == 0 {
+        jobs::free_slots(&tx, &handed).await?;
         tx.commit().await.map_err(JobsError::from)?;
         return Ok((applied, Vec::new()));
     }
@@ -636,6 +640,7 @@ async fn write_batch(
         wanted as i64,
         app.config.job_lease,
         app.config.limits(),
+        &handed,
     )
     .await
     {
@@ -650,6 +655,7 @@ async fn write_batch(
                 bell.ring();
             }
             claim.rollback().await.map_err(JobsError::from)?;
+            jobs::free_slots(&tx, &handed).await?;
             None
         }
     };
@@ -885,6 +891,7 @@ pub async fn run_embedded(
                     permits.len() as i64,
                     app.config.job_lease,
                     app.config.limits(),
+                    &[],
                 )
                 .await;
                 bell.after_claim(token, line.as_ref().ok().map(|l| l.left_waiting));

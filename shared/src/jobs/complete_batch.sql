@@ -3,6 +3,8 @@
 -- fenced by its own attempt exactly as in complete.sql, and its media are written only if its
 -- completion applies; a job whose attempt is no longer current is left as it is.
 -- No next-in-line is named: the embedded claimer takes freed slots from the table itself.
+-- With $16 the slots stay held: the claim that follows in the same transaction hands them to
+-- the next jobs itself (claim_batch.sql's $5), one slot write per job instead of two.
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[]) AS i(id, attempt, credits)
 ), job AS (
@@ -42,7 +44,7 @@ WITH input AS (
     RETURNING j.id
 ), released AS (
     UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
-    WHERE job_id IN (SELECT id FROM done)
+    WHERE job_id IN (SELECT id FROM done) AND NOT $16
     RETURNING slot
 )
 SELECT done.id FROM done

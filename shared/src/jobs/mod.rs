@@ -306,7 +306,7 @@ pub async fn claim_next(
     lease: Duration,
     limits: impl Into<Limits>,
 ) -> Result<Vec<Claimed>, JobsError> {
-    Ok(claim_line(db, limit, lease, limits).await?.jobs)
+    Ok(claim_line(db, limit, lease, limits, &[]).await?.jobs)
 }
 
 /// What a batch claim took, and whether it left a due job waiting.
@@ -318,12 +318,15 @@ pub struct LineClaim {
     pub left_waiting: bool,
 }
 
-/// [`claim_next`], also saying whether it left a due job waiting.
+/// [`claim_next`], also saying whether it left a due job waiting. `handed` are jobs this
+/// transaction completed with [`complete_many_keeping_slots`]: their slots go to the jobs
+/// claimed first, and those not needed are freed.
 pub async fn claim_line(
     db: &impl GenericClient,
     limit: i64,
     lease: Duration,
     limits: impl Into<Limits>,
+    handed: &[Uuid],
 ) -> Result<LineClaim, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
@@ -332,6 +335,7 @@ pub async fn claim_line(
         &lease.as_secs_f64(),
         &(limits.slots as i32),
         &(limits.per_user as i64),
+        &handed,
     ];
     let rows = retrying(|| db.query(&stmt, params)).await?;
     let left_waiting = match rows.first() {
@@ -490,6 +494,34 @@ pub async fn complete_many(
     jobs: &[&Completion],
     model: &str,
 ) -> Result<std::collections::HashSet<Uuid>, JobsError> {
+    complete_batch(db, jobs, model, false).await
+}
+
+/// [`complete_many`], leaving the completed jobs' slots held for a [`claim_line`] in the same
+/// transaction to hand on (and free what it does not); if that claim does not run or fails,
+/// [`free_slots`] must.
+pub async fn complete_many_keeping_slots(
+    db: &impl GenericClient,
+    jobs: &[&Completion],
+    model: &str,
+) -> Result<std::collections::HashSet<Uuid>, JobsError> {
+    complete_batch(db, jobs, model, true).await
+}
+
+/// Frees the slots these jobs hold.
+pub async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), JobsError> {
+    let stmt = db.prepare_cached(include_str!("free_slots.sql")).await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&jobs];
+    retrying(|| db.execute(&stmt, params)).await?;
+    Ok(())
+}
+
+async fn complete_batch(
+    db: &impl GenericClient,
+    jobs: &[&Completion],
+    model: &str,
+    keep_slots: bool,
+) -> Result<std::collections::HashSet<Uuid>, JobsError> {
     let stmt = db
         .prepare_cached(include_str!("complete_batch.sql"))
         .await?;
@@ -522,6 +554,7 @@ pub async fn complete_many(
         &m.heights,
         &m.sizes,
         &model,
+        &keep_slots,
     ];
     let rows = retrying(|| db.query(&stmt, params)).await?;
     rows.iter()

@@ -259,7 +259,7 @@ async fn a_batch_claim_says_whether_it_left_a_due_job_waiting() {
     let claim = |limit: i64| {
         let conn = &conn;
         async move {
-            shared::jobs::claim_line(conn, limit, lease, one_each)
+            shared::jobs::claim_line(conn, limit, lease, one_each, &[])
                 .await
                 .unwrap()
         }
@@ -417,6 +417,108 @@ async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_
     assert!(again.is_empty());
 }
 
+/// Updates of slot rows this backend has made and not yet published to the shared statistics
+/// (so counted without their lag).
+async fn slot_updates(db: &impl deadpool_postgres::GenericClient) -> i64 {
+    db.query_one(
+        "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'job_slots'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_one_write_each() {
+    let t = TestApp::embedded().await;
+    let alice = user("alice", None);
+    let (first, second, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(first, &alice, "one").await;
+    t.insert_job(second, &alice, "two").await;
+    t.free_all_slots().await;
+    let two_each = shared::jobs::Limits {
+        slots: 5,
+        per_user: 2,
+    };
+    let mut conn = t.db.pool.get().await.unwrap();
+    let running = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), two_each, &[])
+        .await
+        .unwrap()
+        .jobs;
+    assert_eq!(running.len(), 2);
+    let slots_of = |ids: Vec<Uuid>| {
+        let conn = &conn;
+        async move {
+            conn.query(
+                "SELECT slot FROM job_slots WHERE job_id = ANY ($1) ORDER BY slot",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+        }
+    };
+    let theirs = slots_of(vec![first, second]).await;
+    t.insert_job(third, &alice, "three").await;
+    // Alice's third job waits for her allowance, not for a reservation.
+    t.db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
+            &[&third],
+        )
+        .await
+        .unwrap();
+
+    let tx = conn.transaction().await.unwrap();
+    let slot_writes_before = slot_updates(&tx).await;
+    let done: Vec<shared::jobs::Completion> = running
+        .iter()
+        .map(|c| shared::jobs::Completion {
+            job_id: c.job.id,
+            attempt: c.attempt(),
+            media: vec![image(&c.job.id.to_string())],
+            credits: 1,
+        })
+        .collect();
+    let applied =
+        shared::jobs::complete_many_keeping_slots(&tx, &done.iter().collect::<Vec<_>>(), "m")
+            .await
+            .unwrap();
+    let handed: Vec<Uuid> = applied.into_iter().collect();
+    let line = shared::jobs::claim_line(&tx, 2, Duration::from_secs(60), two_each, &handed)
+        .await
+        .unwrap();
+    let slot_writes = slot_updates(&tx).await - slot_writes_before;
+    tx.commit().await.unwrap();
+
+    // The two finished jobs no longer count against Alice, so her third starts, in the first
+    // of their slots; the other is freed. Two slot writes, where a release of each and a take
+    // would be three.
+    assert_eq!(
+        line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        [third]
+    );
+    assert_eq!(slot_writes, 2);
+    let conn = t.db.pool.get().await.unwrap();
+    let held: Vec<(i32, Uuid)> = conn
+        .query(
+            "SELECT slot, job_id FROM job_slots WHERE job_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(held, [(theirs[0], third)]);
+}
+
 /// Every index scan in a JSON plan: (index name, its index condition and filter).
 fn index_conditions(plan: &serde_json::Value, found: &mut Vec<(String, String)>) {
     if let Some(name) = plan.get("Index Name").and_then(|n| n.as_str()) {
@@ -470,7 +572,7 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     conn.batch_execute(&format!(
         "SET plan_cache_mode = force_generic_plan; \
          PREPARE by_id (uuid, float8, int4, int8) AS {}; \
-         PREPARE batch (int8, float8, int4, int8) AS {}; \
+         PREPARE batch (int8, float8, int4, int8, uuid[]) AS {}; \
          PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
         include_str!("../../src/jobs/claim_by_id.sql"),
         include_str!("../../src/jobs/claim_batch.sql"),
@@ -483,7 +585,7 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
                    'moodboard', '00000000-0000-0000-0000-000000000002', '{}', 3, 3, 60, 3, 60, 100, 60)";
     for execute in [
         "EXECUTE by_id ('00000000-0000-0000-0000-000000000000', 60, 3, 3)",
-        "EXECUTE batch (3, 60, 3, 3)",
+        "EXECUTE batch (3, 60, 3, 3, '{}')",
         enqueue,
     ] {
         let row = conn
