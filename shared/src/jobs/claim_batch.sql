@@ -5,9 +5,11 @@
 -- $5 names jobs this transaction has just completed without freeing their slots (the
 -- completer's round): those slots go straight to the next jobs, one write each instead of a
 -- release and a take, and whatever is not given away is freed here. Their jobs count against
--- no user's allowance. Every row it will change is locked up front with SKIP LOCKED, so a claim
--- never waits on another statement (and so never takes part in a deadlock): a job or slot
--- someone else holds is simply left for the next claim.
+-- no user's allowance. Every row it will change is locked up front with SKIP LOCKED, so a
+-- claim never waits on another statement (and so never takes part in a deadlock): a job or slot
+-- someone else holds is simply left for the next claim. (The one exception: a handed slot it
+-- frees unused, which another claimer can hold only if its job's lease ran out; that is a
+-- short wait for that claim's commit, on a row no one waits on in turn.)
 -- `(status = 'queued') IS TRUE` where a job is found by id: the plain form lets the planner
 -- serve the lookup from a partial index of queued jobs that happens to hold `id`, and with
 -- statistics taken while few jobs were queued it does, scanning that whole index for one id
@@ -15,15 +17,25 @@
 -- serves it.
 WITH held_by_user AS (
     SELECT user_id, count(*) AS held FROM job_slots
-    WHERE job_id IS NOT NULL AND lease_expires_at > now() AND job_id <> ALL ($5::uuid[])
+    WHERE job_id IS NOT NULL AND lease_expires_at > now() AND job_id <> ALL (coalesce($5::uuid[], '{}'))
     GROUP BY user_id
+), handed AS (
+    -- Read only when there are any. `slot + 0`: a generic plan would otherwise walk the slot
+    -- key through all of the first $3 slots, which costs more than reading the table.
+    SELECT slot FROM job_slots
+    WHERE cardinality($5::uuid[]) > 0 AND job_id = ANY ($5) AND slot + 0 <= $3
+    FOR UPDATE SKIP LOCKED
+), open AS (
+    -- In slot order, so the primary key is walked only as far as $1 free slots.
+    SELECT slot FROM job_slots
+    WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
+      AND (job_id IS NULL OR job_id <> ALL (coalesce($5::uuid[], '{}')))
+    ORDER BY slot LIMIT $1
+    FOR UPDATE SKIP LOCKED
 ), free AS (
-    SELECT slot, row_number() OVER (ORDER BY handed DESC, slot) AS rn
     -- The handed slots first, so that as few as possible are written twice.
-    FROM (SELECT slot, (job_id = ANY ($5)) IS TRUE AS handed FROM job_slots
-          WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now() OR job_id = ANY ($5))
-          ORDER BY (job_id = ANY ($5)) IS TRUE DESC, slot LIMIT $1
-          FOR UPDATE SKIP LOCKED) f
+    SELECT slot, row_number() OVER (ORDER BY first, slot) AS rn
+    FROM (SELECT slot, 0 AS first FROM handed UNION ALL SELECT slot, 1 FROM open) f
 ), reserved AS (
     SELECT s.slot, s.job_id AS id
     FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id

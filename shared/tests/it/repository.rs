@@ -437,6 +437,17 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
     t.insert_job(first, &alice, "one").await;
     t.insert_job(second, &alice, "two").await;
     t.free_all_slots().await;
+    // Slot 1 is busy while the two start, and free when they finish: a claim that did not
+    // prefer their slots would take it and write three slots.
+    let busy_slot = "UPDATE job_slots SET job_id = gen_random_uuid(), user_id = 'dave', \
+                     lease_expires_at = now() + interval '1 hour' WHERE slot = 1";
+    t.db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(busy_slot, &[])
+        .await
+        .unwrap();
     let two_each = shared::jobs::Limits {
         slots: 5,
         per_user: 2,
@@ -462,6 +473,7 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
         }
     };
     let theirs = slots_of(vec![first, second]).await;
+    assert_eq!(theirs, [2, 3]);
     t.insert_job(third, &alice, "three").await;
     // Alice's third job waits for her allowance, not for a reservation.
     t.db.pool
@@ -475,6 +487,12 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
         .await
         .unwrap();
 
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE slot = 1",
+        &[],
+    )
+    .await
+    .unwrap();
     let tx = conn.transaction().await.unwrap();
     let slot_writes_before = slot_updates(&tx).await;
     let done: Vec<shared::jobs::Completion> = running
@@ -498,8 +516,8 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
     tx.commit().await.unwrap();
 
     // The two finished jobs no longer count against Alice, so her third starts, in the first
-    // of their slots; the other is freed. Two slot writes, where a release of each and a take
-    // would be three.
+    // of their slots (not in the free slot 1); the other is freed. Two slot writes, where a
+    // release of each and a take would be three.
     assert_eq!(
         line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
         [third]
@@ -705,38 +723,27 @@ async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_
     }
 }
 
-async fn slot_users(conn: &deadpool_postgres::Object) -> Vec<Option<String>> {
-    conn.query(
-        "SELECT user_id FROM job_slots WHERE job_id IS NOT NULL OR user_id IS NOT NULL",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 #[tokio::test]
-async fn a_slot_changed_by_a_statement_from_before_v9_still_names_its_holders_user() {
-    // During a deploy (or after a rollback) the previous code changes job_id alone.
+async fn a_slot_names_its_holders_user_or_nobody() {
     let t = TestApp::embedded().await;
     let id = Uuid::now_v7();
-    t.insert_job(id, &user("carol", None), "old code").await; // reserves a slot
+    t.insert_job(id, &user("carol", None), "held").await; // reserves a slot
     let conn = t.db.pool.get().await.unwrap();
-    assert_eq!(slot_users(&conn).await, [Some("carol".to_owned())]);
-    conn.execute(
-        "UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
-    assert_eq!(slot_users(&conn).await, [], "released: no user left behind");
-    conn.execute(
-        "UPDATE job_slots SET job_id = $1, lease_expires_at = now() + interval '1 minute' WHERE slot = 7",
-        &[&id],
-    )
-    .await
-    .unwrap();
-    assert_eq!(slot_users(&conn).await, [Some("carol".to_owned())]);
+    for (what, statement) in [
+        (
+            "a release that leaves the user behind",
+            "UPDATE job_slots SET job_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
+        ),
+        (
+            "a hold that names no user",
+            "UPDATE job_slots SET job_id = $1, lease_expires_at = now() + interval '1 minute' WHERE slot = 7",
+        ),
+    ] {
+        let err = conn.execute(statement, &[&id]).await.expect_err(what);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{what}"
+        );
+    }
 }
