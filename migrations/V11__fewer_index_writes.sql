@@ -9,8 +9,9 @@ DROP INDEX idx_media_job;
 -- * Held slots: the unique job_id index finds them too (`job_id IS NOT NULL` is an index
 --   condition there). One index write less each time a slot is taken. Some generic plans of
 --   the waiting-job checks now scan the 1,000 slot rows instead (about 0.15 ms a claim here),
---   and still, draining 10,000 jobs with 20 workers measured faster without it in each of four
---   interleaved runs (2,264-2,707 against 1,780-1,987 jobs/s), with 100 bytes of WAL less per job.
+--   and still, draining 10,000 jobs with 20 workers measured faster without it in both of two
+--   interleaved pairs of runs (2,707 and 2,264 against 1,780 and 1,987 jobs/s), with 100 bytes
+--   of WAL less per job.
 DROP INDEX idx_slots_held;
 
 -- The trigger that kept a slot's user_id right for statements from before V9: every statement
