@@ -458,21 +458,16 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
         .unwrap()
         .jobs;
     assert_eq!(running.len(), 2);
-    let slots_of = |ids: Vec<Uuid>| {
-        let conn = &conn;
-        async move {
-            conn.query(
-                "SELECT slot FROM job_slots WHERE job_id = ANY ($1) ORDER BY slot",
-                &[&ids],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, i32>(0))
-            .collect::<Vec<_>>()
-        }
-    };
-    let theirs = slots_of(vec![first, second]).await;
+    let theirs: Vec<i32> = conn
+        .query(
+            "SELECT slot FROM job_slots WHERE job_id = ANY ($1) ORDER BY slot",
+            &[&vec![first, second]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(theirs, [2, 3]);
     t.insert_job(third, &alice, "three").await;
     // Alice's third job waits for her allowance, not for a reservation.
@@ -534,7 +529,7 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(held, [(theirs[0], third)]);
+    assert_eq!(held, [(2, third)]);
 }
 
 /// Every index scan in a JSON plan: (index name, its index condition and filter).
