@@ -581,7 +581,8 @@ async fn write_one(app: &App, completion: &jobs::Completion) -> Result<bool, Wor
 }
 
 /// One completer round: the batch's completions, then claims for the slots they freed, in one
-/// transaction. A failed claim is rolled back to its savepoint; the completions still commit.
+/// transaction of two round trips. A failed claim rolls the round back; the completions are
+/// then written alone.
 async fn write_batch(
     app: &App,
     claiming: &tokio::sync::Mutex<()>,
@@ -593,7 +594,7 @@ async fn write_batch(
         crate::queue::Dispatcher::Embedded { local } => Some(&local.bell),
         crate::queue::Dispatcher::Sqs { .. } => None,
     };
-    let mut conn = app.pool.get().await?;
+    let conn = app.pool.get().await?;
     let wants =
         !stopped.load(std::sync::atomic::Ordering::Relaxed) && batch.iter().any(|f| f.take_next);
     // While the last claim left no job waiting and none has come since, a claim would find
@@ -612,62 +613,53 @@ async fn write_batch(
         let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
         return Ok((applied, Vec::new()));
     }
-    let mut tx = conn.transaction().await.map_err(JobsError::from)?;
     // Their slots stay held for the claim below to hand straight on.
-    let applied =
-        jobs::complete_many_keeping_slots(&tx, &completions, app.generator.model()).await?;
+    let (round, applied) =
+        jobs::Round::begin_completing(&conn, &completions, app.generator.model()).await?;
     let handed: Vec<uuid::Uuid> = applied.iter().copied().collect();
     let wanted = batch
         .iter()
         .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
         .count();
     if wanted == 0 {
-        jobs::free_slots(&tx, &handed).await?;
-        tx.commit().await.map_err(JobsError::from)?;
+        round.free_and_commit(&handed).await?;
         return Ok((applied, Vec::new()));
     }
     let _claiming = claiming.lock().await;
-    // What the claim finds holds only once this transaction commits: until then, and for
-    // good if it fails, the line may have jobs.
+    // What the claim finds holds only once the round commits: until then, and for good if it
+    // fails, the line may have jobs.
     let token = bell.map(|b| {
         let token = b.before_claim();
         b.after_claim(token, None);
         token
     });
-    let claim = tx.savepoint("claim").await.map_err(JobsError::from)?;
-    let line = match jobs::claim_line(
-        &claim,
-        wanted as i64,
-        app.config.job_lease,
-        app.config.limits(),
-        &handed,
-    )
-    .await
+    // Committed while the claim lock is held, so the next claim sees these slots taken.
+    match round
+        .claim_and_commit(
+            wanted as i64,
+            app.config.job_lease,
+            app.config.limits(),
+            &handed,
+        )
+        .await
     {
         Ok(line) => {
-            claim.commit().await.map_err(JobsError::from)?;
-            Some(line)
+            if let (Some(bell), Some(token)) = (bell, token) {
+                bell.after_claim(token, Some(line.left_waiting));
+            }
+            Ok((applied, line.jobs))
         }
         Err(e) => {
-            tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; the claimer will take those slots");
-            // It may be parked until woken; it claims after this commit, as it needs `claiming`.
+            // The round rolled back whole: its completions are written again on their own,
+            // freeing their slots, and the claimer takes those slots.
+            tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; writing the completions alone");
             if let Some(bell) = bell {
                 bell.ring();
             }
-            claim.rollback().await.map_err(JobsError::from)?;
-            jobs::free_slots(&tx, &handed).await?;
-            None
+            let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
+            Ok((applied, Vec::new()))
         }
-    };
-    // Committed while the claim lock is held, so the next claim sees these slots taken.
-    tx.commit().await.map_err(JobsError::from)?;
-    let Some(line) = line else {
-        return Ok((applied, Vec::new()));
-    };
-    if let (Some(bell), Some(token)) = (bell, token) {
-        bell.after_claim(token, Some(line.left_waiting));
     }
-    Ok((applied, line.jobs))
 }
 
 async fn settle_failure(

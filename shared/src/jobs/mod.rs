@@ -338,12 +338,16 @@ pub async fn claim_line(
         &handed,
     ];
     let rows = retrying(|| db.query(&stmt, params)).await?;
+    line_from_rows(&rows, limits)
+}
+
+fn line_from_rows(rows: &[Row], limits: Limits) -> Result<LineClaim, JobsError> {
     let left_waiting = match rows.first() {
         Some(row) => row.try_get("left_waiting")?,
         None => true,
     };
     let mut jobs = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         // The one row of a claim that took nothing carries only the flag.
         if row.try_get::<_, Option<Uuid>>("id")?.is_some() {
             jobs.push(Claimed {
@@ -514,6 +518,93 @@ pub async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), Jo
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&jobs];
     retrying(|| db.execute(&stmt, params)).await?;
     Ok(())
+}
+
+/// The embedded completer's round as one transaction in two round trips instead of six: its
+/// BEGIN goes out with the completions ([`Round::begin_completing`]), its COMMIT with the claim
+/// that hands their slots on ([`Round::claim_and_commit`]). Every round trip is a wake-up of
+/// this process and of a Postgres backend on the same few cores, and the round is the drain's
+/// critical path.
+///
+/// Dropped before it ends (an error, or its task cancelled), it sends ROLLBACK, so its
+/// connection goes back to the pool idle and nothing of the round is written.
+pub struct Round<'a, C: GenericClient> {
+    db: &'a C,
+    open: bool,
+}
+
+impl<'a, C: GenericClient> Round<'a, C> {
+    /// Begins the round and completes `jobs` in it, keeping their slots held for the claim:
+    /// whether each completion applied. On an error nothing is written.
+    pub async fn begin_completing(
+        db: &'a C,
+        jobs: &[&Completion],
+        model: &str,
+    ) -> Result<(Self, std::collections::HashSet<Uuid>), JobsError> {
+        let round = Round { db, open: true };
+        // `join` polls in order, so BEGIN is sent first even when the completion statement has
+        // still to be prepared.
+        let (began, applied) = futures::future::join(
+            db.batch_execute("BEGIN"),
+            complete_batch(db, jobs, model, true),
+        )
+        .await;
+        began?;
+        Ok((round, applied?))
+    }
+
+    /// [`claim_line`] for the completed jobs' slots, with the COMMIT sent right behind it.
+    /// Whatever it returns, the round is over: committed, with the claim, only on `Ok`. When
+    /// the claim fails Postgres answers the COMMIT by rolling back, so the completions are
+    /// undone as well and must be written again.
+    pub async fn claim_and_commit(
+        mut self,
+        limit: i64,
+        lease: Duration,
+        limits: impl Into<Limits>,
+        handed: &[Uuid],
+    ) -> Result<LineClaim, JobsError> {
+        let limits = limits.into();
+        // Prepared first: a statement still to be prepared would go out after the COMMIT.
+        let stmt = self
+            .db
+            .prepare_cached(include_str!("claim_batch.sql"))
+            .await?;
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+            &limit,
+            &lease.as_secs_f64(),
+            &(limits.slots as i32),
+            &(limits.per_user as i64),
+            &handed,
+        ];
+        // No deadlock retry: a second try would run after the COMMIT, outside the round.
+        let (rows, committed) = futures::future::join(
+            self.db.query(&stmt, params),
+            self.db.batch_execute("COMMIT"),
+        )
+        .await;
+        self.open = false;
+        let rows = rows?;
+        committed?;
+        line_from_rows(&rows, limits)
+    }
+
+    /// Frees the completed jobs' slots and commits, claiming nothing.
+    pub async fn free_and_commit(mut self, handed: &[Uuid]) -> Result<(), JobsError> {
+        free_slots(self.db, handed).await?;
+        self.open = false;
+        self.db.batch_execute("COMMIT").await?;
+        Ok(())
+    }
+}
+
+impl<C: GenericClient> Drop for Round<'_, C> {
+    fn drop(&mut self) {
+        if self.open {
+            // A request is sent on its future's first poll; its answer is not needed.
+            let _ = futures::FutureExt::now_or_never(self.db.batch_execute("ROLLBACK"));
+        }
+    }
 }
 
 async fn complete_batch(

@@ -532,6 +532,157 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
     assert_eq!(held, [(2, third)]);
 }
 
+/// Alice's first two jobs running (claimed from the line), her third waiting for her
+/// allowance of two.
+async fn two_running_and_one_waiting(t: &TestApp) -> (Vec<shared::jobs::Claimed>, Uuid) {
+    let alice = user("alice", None);
+    let (first, second, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(first, &alice, "one").await;
+    t.insert_job(second, &alice, "two").await;
+    t.free_all_slots().await;
+    let conn = t.db.pool.get().await.unwrap();
+    let running = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), TWO_EACH, &[])
+        .await
+        .unwrap()
+        .jobs;
+    assert_eq!(running.len(), 2);
+    t.insert_job(third, &alice, "three").await;
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
+        &[&third],
+    )
+    .await
+    .unwrap();
+    (running, third)
+}
+
+const TWO_EACH: shared::jobs::Limits = shared::jobs::Limits {
+    slots: 5,
+    per_user: 2,
+};
+
+fn completions(running: &[shared::jobs::Claimed]) -> Vec<shared::jobs::Completion> {
+    running
+        .iter()
+        .map(|c| shared::jobs::Completion {
+            job_id: c.job.id,
+            attempt: c.attempt(),
+            media: vec![image(&c.job.id.to_string())],
+            credits: 1,
+        })
+        .collect()
+}
+
+/// Each job's status and the slot naming it, if any, in the order asked.
+async fn states(t: &TestApp, ids: &[Uuid]) -> Vec<(String, Option<i32>)> {
+    let conn = t.db.pool.get().await.unwrap();
+    let mut found = Vec::new();
+    for id in ids {
+        let row = conn
+            .query_one(
+                "SELECT j.status::text, s.slot FROM generation_jobs j \
+                 LEFT JOIN job_slots s ON s.job_id = j.id WHERE j.id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        found.push((row.get(0), row.get(1)));
+    }
+    found
+}
+
+/// False while the connection is inside a transaction that has written: outside one, this
+/// statement is a transaction of its own, which writes nothing.
+async fn idle(db: &impl deadpool_postgres::GenericClient) -> bool {
+    db.query_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_their_slots() {
+    let t = TestApp::embedded().await;
+    let (running, third) = two_running_and_one_waiting(&t).await;
+    let done = completions(&running);
+    let conn = t.db.pool.get().await.unwrap();
+
+    let (round, applied) =
+        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
+            .await
+            .unwrap();
+    let handed: Vec<Uuid> = applied.into_iter().collect();
+    let line = round
+        .claim_and_commit(1, Duration::from_secs(60), TWO_EACH, &handed)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        [third]
+    );
+    let (first, second) = (running[0].job.id, running[1].job.id);
+    let [one, two, three] = <[_; 3]>::try_from(states(&t, &[first, second, third]).await).unwrap();
+    assert_eq!(one, ("completed".to_owned(), None));
+    assert_eq!(two, ("completed".to_owned(), None));
+    assert_eq!(three.0, "processing");
+    assert!(three.1.is_some(), "the claimed job holds a slot");
+    assert!(idle(&conn).await, "the round committed");
+}
+
+#[tokio::test]
+async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_connection_idle() {
+    let t = TestApp::embedded().await;
+    let (running, third) = two_running_and_one_waiting(&t).await;
+    let ids = [running[0].job.id, running[1].job.id, third];
+    let before = states(&t, &ids).await;
+    let done = completions(&running);
+    let conn = t.db.pool.get().await.unwrap();
+
+    let (round, applied) =
+        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
+            .await
+            .unwrap();
+    assert_eq!(applied.len(), 2);
+    let handed: Vec<Uuid> = applied.into_iter().collect();
+    // A lease no timestamp can hold: the claim fails on the job it takes.
+    let claimed = round
+        .claim_and_commit(1, Duration::from_secs(u64::MAX), TWO_EACH, &handed)
+        .await;
+
+    assert!(claimed.is_err());
+    assert_eq!(
+        states(&t, &ids).await,
+        before,
+        "the completions were undone too"
+    );
+    assert!(idle(&conn).await, "the round ended");
+    let again = shared::jobs::complete_many(&conn, &done.iter().collect::<Vec<_>>(), "m")
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 2, "the completions can be written again");
+}
+
+#[tokio::test]
+async fn a_completer_round_dropped_before_its_claim_rolls_back() {
+    let t = TestApp::embedded().await;
+    let (running, third) = two_running_and_one_waiting(&t).await;
+    let ids = [running[0].job.id, running[1].job.id, third];
+    let before = states(&t, &ids).await;
+    let done = completions(&running);
+    let conn = t.db.pool.get().await.unwrap();
+
+    let (round, applied) =
+        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
+            .await
+            .unwrap();
+    assert_eq!(applied.len(), 2);
+    drop(round);
+
+    assert!(idle(&conn).await, "the dropped round sent its ROLLBACK");
+    assert_eq!(states(&t, &ids).await, before);
+}
+
 /// Every index scan in a JSON plan: (index name, its index condition and filter).
 fn index_conditions(plan: &serde_json::Value, found: &mut Vec<(String, String)>) {
     if let Some(name) = plan.get("Index Name").and_then(|n| n.as_str()) {
