@@ -643,13 +643,13 @@ async fn write_batch(
         )
         .await
     {
-        Ok(line) => {
+        jobs::RoundEnd::Committed(line) => {
             if let (Some(bell), Some(token)) = (bell, token) {
                 bell.after_claim(token, Some(line.left_waiting));
             }
             Ok((applied, line.jobs))
         }
-        Err(e) => {
+        jobs::RoundEnd::Undone(e) => {
             // The round rolled back whole: its completions are written again on their own,
             // freeing their slots, and the claimer takes those slots.
             tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; writing the completions alone");
@@ -657,6 +657,13 @@ async fn write_batch(
                 bell.ring();
             }
             let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
+            Ok((applied, Vec::new()))
+        }
+        jobs::RoundEnd::Unread(e) => {
+            tracing::error!(error = %chain(&e), "a completion batch committed, but the jobs it claimed could not be read; they run again when their lease runs out");
+            if let Some(bell) = bell {
+                bell.ring();
+            }
             Ok((applied, Vec::new()))
         }
     }

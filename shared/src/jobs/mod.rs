@@ -528,16 +528,31 @@ pub async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), Jo
 ///
 /// Dropped before it ends (an error, or its task cancelled), it sends ROLLBACK, so its
 /// connection goes back to the pool idle and nothing of the round is written.
-pub struct Round<'a, C: GenericClient> {
-    db: &'a C,
+pub struct Round<'a> {
+    /// A pooled connection, not a transaction: the round is its own.
+    db: &'a deadpool_postgres::Client,
     open: bool,
 }
 
-impl<'a, C: GenericClient> Round<'a, C> {
+/// How a round's claim and commit ended.
+#[derive(Debug)]
+pub enum RoundEnd {
+    /// Committed, with the jobs it claimed.
+    Committed(LineClaim),
+    /// Rolled back whole, the completions with it: they must be written again. (Only a lost
+    /// connection leaves it unknown; a completion written twice is refused by its fence, and
+    /// slots a committed round kept are free again once their lease runs out.)
+    Undone(JobsError),
+    /// Committed, but what it claimed could not be read: those jobs run again once their lease
+    /// runs out.
+    Unread(JobsError),
+}
+
+impl<'a> Round<'a> {
     /// Begins the round and completes `jobs` in it, keeping their slots held for the claim:
     /// whether each completion applied. On an error nothing is written.
     pub async fn begin_completing(
-        db: &'a C,
+        db: &'a deadpool_postgres::Client,
         jobs: &[&Completion],
         model: &str,
     ) -> Result<(Self, std::collections::HashSet<Uuid>), JobsError> {
@@ -554,22 +569,26 @@ impl<'a, C: GenericClient> Round<'a, C> {
     }
 
     /// [`claim_line`] for the completed jobs' slots, with the COMMIT sent right behind it.
-    /// Whatever it returns, the round is over: committed, with the claim, only on `Ok`. When
-    /// the claim fails Postgres answers the COMMIT by rolling back, so the completions are
-    /// undone as well and must be written again.
+    /// Whatever it returns, the round is over. When the claim fails, Postgres answers the
+    /// COMMIT by rolling back, so the completions are undone as well.
     pub async fn claim_and_commit(
         mut self,
         limit: i64,
         lease: Duration,
         limits: impl Into<Limits>,
         handed: &[Uuid],
-    ) -> Result<LineClaim, JobsError> {
+    ) -> RoundEnd {
         let limits = limits.into();
         // Prepared first: a statement still to be prepared would go out after the COMMIT.
-        let stmt = self
+        let stmt = match self
             .db
             .prepare_cached(include_str!("claim_batch.sql"))
-            .await?;
+            .await
+        {
+            Ok(stmt) => stmt,
+            // `self` is dropped: ROLLBACK.
+            Err(e) => return RoundEnd::Undone(e.into()),
+        };
         let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
             &limit,
             &lease.as_secs_f64(),
@@ -584,9 +603,13 @@ impl<'a, C: GenericClient> Round<'a, C> {
         )
         .await;
         self.open = false;
-        let rows = rows?;
-        committed?;
-        line_from_rows(&rows, limits)
+        match (rows, committed) {
+            (Ok(rows), Ok(())) => match line_from_rows(&rows, limits) {
+                Ok(line) => RoundEnd::Committed(line),
+                Err(e) => RoundEnd::Unread(e),
+            },
+            (Err(e), _) | (Ok(_), Err(e)) => RoundEnd::Undone(e.into()),
+        }
     }
 
     /// Frees the completed jobs' slots and commits, claiming nothing.
@@ -598,7 +621,7 @@ impl<'a, C: GenericClient> Round<'a, C> {
     }
 }
 
-impl<C: GenericClient> Drop for Round<'_, C> {
+impl Drop for Round<'_> {
     fn drop(&mut self) {
         if self.open {
             // A request is sent on its future's first poll; its answer is not needed.
@@ -647,7 +670,13 @@ async fn complete_batch(
         &model,
         &keep_slots,
     ];
-    let rows = retrying(|| db.query(&stmt, params)).await?;
+    // Kept slots mean a transaction, where a deadlock victim's retry would only meet the
+    // aborted transaction.
+    let rows = if keep_slots {
+        db.query(&stmt, params).await?
+    } else {
+        retrying(|| db.query(&stmt, params)).await?
+    };
     rows.iter()
         .map(|r| r.try_get::<_, Uuid>(0).map_err(JobsError::from))
         .collect()

@@ -591,13 +591,13 @@ async fn states(t: &TestApp, ids: &[Uuid]) -> Vec<(String, Option<i32>)> {
     found
 }
 
-/// False while the connection is inside a transaction that has written: outside one, this
-/// statement is a transaction of its own, which writes nothing.
+/// Whether the connection is outside any transaction block: only there does a SAVEPOINT fail
+/// for want of a transaction (inside an aborted one it fails otherwise).
 async fn idle(db: &impl deadpool_postgres::GenericClient) -> bool {
-    db.query_one("SELECT pg_current_xact_id_if_assigned() IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0)
+    match db.batch_execute("SAVEPOINT probe").await {
+        Ok(()) => false,
+        Err(e) => e.code() == Some(&tokio_postgres::error::SqlState::NO_ACTIVE_SQL_TRANSACTION),
+    }
 }
 
 #[tokio::test]
@@ -612,10 +612,12 @@ async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_t
             .await
             .unwrap();
     let handed: Vec<Uuid> = applied.into_iter().collect();
-    let line = round
+    let shared::jobs::RoundEnd::Committed(line) = round
         .claim_and_commit(1, Duration::from_secs(60), TWO_EACH, &handed)
         .await
-        .unwrap();
+    else {
+        panic!("the round did not commit")
+    };
 
     assert_eq!(
         line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
@@ -650,7 +652,7 @@ async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_conne
         .claim_and_commit(1, Duration::from_secs(u64::MAX), TWO_EACH, &handed)
         .await;
 
-    assert!(claimed.is_err());
+    assert!(matches!(claimed, shared::jobs::RoundEnd::Undone(_)));
     assert_eq!(
         states(&t, &ids).await,
         before,
