@@ -330,15 +330,41 @@ pub async fn claim_line(
 ) -> Result<LineClaim, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
-        &limit,
-        &lease.as_secs_f64(),
-        &(limits.slots as i32),
-        &(limits.per_user as i64),
-        &handed,
-    ];
-    let rows = retrying(|| db.query(&stmt, params)).await?;
+    let params = LineParams::new(limit, lease, limits, handed);
+    let params = params.refs();
+    let rows = retrying(|| db.query(&stmt, &params)).await?;
     line_from_rows(&rows, limits)
+}
+
+/// claim_batch.sql's parameters.
+struct LineParams<'a> {
+    limit: i64,
+    lease_secs: f64,
+    slots: i32,
+    per_user: i64,
+    handed: &'a [Uuid],
+}
+
+impl<'a> LineParams<'a> {
+    fn new(limit: i64, lease: Duration, limits: Limits, handed: &'a [Uuid]) -> Self {
+        LineParams {
+            limit,
+            lease_secs: lease.as_secs_f64(),
+            slots: limits.slots as i32,
+            per_user: limits.per_user as i64,
+            handed,
+        }
+    }
+
+    fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [
+            &self.limit,
+            &self.lease_secs,
+            &self.slots,
+            &self.per_user,
+            &self.handed,
+        ]
+    }
 }
 
 fn line_from_rows(rows: &[Row], limits: Limits) -> Result<LineClaim, JobsError> {
@@ -589,16 +615,10 @@ impl<'a> Round<'a> {
             // `self` is dropped: ROLLBACK.
             Err(e) => return RoundEnd::Undone(e.into()),
         };
-        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
-            &limit,
-            &lease.as_secs_f64(),
-            &(limits.slots as i32),
-            &(limits.per_user as i64),
-            &handed,
-        ];
+        let params = LineParams::new(limit, lease, limits, handed);
         // No deadlock retry: a second try would run after the COMMIT, outside the round.
         let (rows, committed) = futures::future::join(
-            self.db.query(&stmt, params),
+            self.db.query(&stmt, &params.refs()),
             self.db.batch_execute("COMMIT"),
         )
         .await;

@@ -490,15 +490,7 @@ async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_
     .unwrap();
     let tx = conn.transaction().await.unwrap();
     let slot_writes_before = slot_updates(&tx).await;
-    let done: Vec<shared::jobs::Completion> = running
-        .iter()
-        .map(|c| shared::jobs::Completion {
-            job_id: c.job.id,
-            attempt: c.attempt(),
-            media: vec![image(&c.job.id.to_string())],
-            credits: 1,
-        })
-        .collect();
+    let done = completions(&running);
     let applied =
         shared::jobs::complete_many_keeping_slots(&tx, &done.iter().collect::<Vec<_>>(), "m")
             .await
@@ -600,18 +592,53 @@ async fn idle(db: &impl deadpool_postgres::GenericClient) -> bool {
     }
 }
 
-#[tokio::test]
-async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_their_slots() {
-    let t = TestApp::embedded().await;
-    let (running, third) = two_running_and_one_waiting(&t).await;
-    let done = completions(&running);
-    let conn = t.db.pool.get().await.unwrap();
+/// A completer round's starting point: Alice's two running jobs have finished (`done`), her
+/// third waits; `before` is the three jobs' states.
+struct FinishedTwo {
+    t: TestApp,
+    third: Uuid,
+    ids: [Uuid; 3],
+    before: Vec<(String, Option<i32>)>,
+    done: Vec<shared::jobs::Completion>,
+}
 
-    let (round, applied) =
-        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
+impl FinishedTwo {
+    /// Begins the round on `conn` with both completions, which apply: the jobs handed on.
+    async fn begin<'c>(
+        &self,
+        conn: &'c deadpool_postgres::Client,
+    ) -> (shared::jobs::Round<'c>, Vec<Uuid>) {
+        let done: Vec<_> = self.done.iter().collect();
+        let (round, applied) = shared::jobs::Round::begin_completing(conn, &done, "m")
             .await
             .unwrap();
-    let handed: Vec<Uuid> = applied.into_iter().collect();
+        assert_eq!(applied.len(), 2);
+        (round, applied.into_iter().collect())
+    }
+}
+
+async fn finished_two() -> FinishedTwo {
+    let t = TestApp::embedded().await;
+    let (running, third) = two_running_and_one_waiting(&t).await;
+    let ids = [running[0].job.id, running[1].job.id, third];
+    let before = states(&t, &ids).await;
+    let done = completions(&running);
+    FinishedTwo {
+        t,
+        third,
+        ids,
+        before,
+        done,
+    }
+}
+
+#[tokio::test]
+async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_their_slots() {
+    let f = finished_two().await;
+    let (t, third) = (&f.t, f.third);
+    let conn = t.db.pool.get().await.unwrap();
+
+    let (round, handed) = f.begin(&conn).await;
     let shared::jobs::RoundEnd::Committed(line) = round
         .claim_and_commit(1, Duration::from_secs(60), TWO_EACH, &handed)
         .await
@@ -623,8 +650,7 @@ async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_t
         line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
         [third]
     );
-    let (first, second) = (running[0].job.id, running[1].job.id);
-    let [one, two, three] = <[_; 3]>::try_from(states(&t, &[first, second, third]).await).unwrap();
+    let [one, two, three] = <[_; 3]>::try_from(states(t, &f.ids).await).unwrap();
     assert_eq!(one, ("completed".to_owned(), None));
     assert_eq!(two, ("completed".to_owned(), None));
     assert_eq!(three.0, "processing");
@@ -634,19 +660,10 @@ async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_t
 
 #[tokio::test]
 async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_connection_idle() {
-    let t = TestApp::embedded().await;
-    let (running, third) = two_running_and_one_waiting(&t).await;
-    let ids = [running[0].job.id, running[1].job.id, third];
-    let before = states(&t, &ids).await;
-    let done = completions(&running);
-    let conn = t.db.pool.get().await.unwrap();
+    let f = finished_two().await;
+    let conn = f.t.db.pool.get().await.unwrap();
 
-    let (round, applied) =
-        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
-            .await
-            .unwrap();
-    assert_eq!(applied.len(), 2);
-    let handed: Vec<Uuid> = applied.into_iter().collect();
+    let (round, handed) = f.begin(&conn).await;
     // A lease no timestamp can hold: the claim fails on the job it takes.
     let claimed = round
         .claim_and_commit(1, Duration::from_secs(u64::MAX), TWO_EACH, &handed)
@@ -654,12 +671,12 @@ async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_conne
 
     assert!(matches!(claimed, shared::jobs::RoundEnd::Undone(_)));
     assert_eq!(
-        states(&t, &ids).await,
-        before,
+        states(&f.t, &f.ids).await,
+        f.before,
         "the completions were undone too"
     );
     assert!(idle(&conn).await, "the round ended");
-    let again = shared::jobs::complete_many(&conn, &done.iter().collect::<Vec<_>>(), "m")
+    let again = shared::jobs::complete_many(&conn, &f.done.iter().collect::<Vec<_>>(), "m")
         .await
         .unwrap();
     assert_eq!(again.len(), 2, "the completions can be written again");
@@ -667,22 +684,14 @@ async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_conne
 
 #[tokio::test]
 async fn a_completer_round_dropped_before_its_claim_rolls_back() {
-    let t = TestApp::embedded().await;
-    let (running, third) = two_running_and_one_waiting(&t).await;
-    let ids = [running[0].job.id, running[1].job.id, third];
-    let before = states(&t, &ids).await;
-    let done = completions(&running);
-    let conn = t.db.pool.get().await.unwrap();
+    let f = finished_two().await;
+    let conn = f.t.db.pool.get().await.unwrap();
 
-    let (round, applied) =
-        shared::jobs::Round::begin_completing(&conn, &done.iter().collect::<Vec<_>>(), "m")
-            .await
-            .unwrap();
-    assert_eq!(applied.len(), 2);
+    let (round, _) = f.begin(&conn).await;
     drop(round);
 
     assert!(idle(&conn).await, "the dropped round sent its ROLLBACK");
-    assert_eq!(states(&t, &ids).await, before);
+    assert_eq!(states(&f.t, &f.ids).await, f.before);
 }
 
 /// Every index scan in a JSON plan: (index name, its index condition and filter).
