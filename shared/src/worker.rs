@@ -890,7 +890,6 @@ pub async fn run_embedded(
                     permits.len() as i64,
                     app.config.job_lease,
                     app.config.limits(),
-                    &[],
                 )
                 .await;
                 bell.after_claim(token, line.as_ref().ok().map(|l| l.left_waiting));

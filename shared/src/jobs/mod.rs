@@ -306,7 +306,7 @@ pub async fn claim_next(
     lease: Duration,
     limits: impl Into<Limits>,
 ) -> Result<Vec<Claimed>, JobsError> {
-    Ok(claim_line(db, limit, lease, limits, &[]).await?.jobs)
+    Ok(claim_line(db, limit, lease, limits).await?.jobs)
 }
 
 /// What a batch claim took, and whether it left a due job waiting.
@@ -318,19 +318,16 @@ pub struct LineClaim {
     pub left_waiting: bool,
 }
 
-/// [`claim_next`], also saying whether it left a due job waiting. `handed` are jobs this
-/// transaction completed with [`complete_many_keeping_slots`]: their slots go to the jobs
-/// claimed first, and those not needed are freed.
+/// [`claim_next`], also saying whether it left a due job waiting.
 pub async fn claim_line(
     db: &impl GenericClient,
     limit: i64,
     lease: Duration,
     limits: impl Into<Limits>,
-    handed: &[Uuid],
 ) -> Result<LineClaim, JobsError> {
     let limits = limits.into();
     let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
-    let params = LineParams::new(limit, lease, limits, handed);
+    let params = LineParams::new(limit, lease, limits, &[]);
     let params = params.refs();
     let rows = retrying(|| db.query(&stmt, &params)).await?;
     line_from_rows(&rows, limits)
@@ -527,19 +524,8 @@ pub async fn complete_many(
     complete_batch(db, jobs, model, false).await
 }
 
-/// [`complete_many`], leaving the completed jobs' slots held for a [`claim_line`] in the same
-/// transaction to hand on (and free what it does not); if that claim does not run or fails,
-/// [`free_slots`] must.
-pub async fn complete_many_keeping_slots(
-    db: &impl GenericClient,
-    jobs: &[&Completion],
-    model: &str,
-) -> Result<std::collections::HashSet<Uuid>, JobsError> {
-    complete_batch(db, jobs, model, true).await
-}
-
 /// Frees the slots these jobs hold.
-pub async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), JobsError> {
+async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), JobsError> {
     let stmt = db.prepare_cached(include_str!("free_slots.sql")).await?;
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&jobs];
     retrying(|| db.execute(&stmt, params)).await?;

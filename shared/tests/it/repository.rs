@@ -259,7 +259,7 @@ async fn a_batch_claim_says_whether_it_left_a_due_job_waiting() {
     let claim = |limit: i64| {
         let conn = &conn;
         async move {
-            shared::jobs::claim_line(conn, limit, lease, one_each, &[])
+            shared::jobs::claim_line(conn, limit, lease, one_each)
                 .await
                 .unwrap()
         }
@@ -417,115 +417,8 @@ async fn a_batch_of_completions_applies_each_current_attempt_and_nothing_of_the_
     assert!(again.is_empty());
 }
 
-/// Updates of slot rows this backend has made and not yet published to the shared statistics
-/// (so counted without their lag).
-async fn slot_updates(db: &impl deadpool_postgres::GenericClient) -> i64 {
-    db.query_one(
-        "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'job_slots'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-#[tokio::test]
-async fn a_claim_after_completions_in_one_transaction_hands_their_slots_on_with_one_write_each() {
-    let t = TestApp::embedded().await;
-    let alice = user("alice", None);
-    let (first, second, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-    t.insert_job(first, &alice, "one").await;
-    t.insert_job(second, &alice, "two").await;
-    t.free_all_slots().await;
-    // Slot 1 is busy while the two start, and free when they finish: a claim that did not
-    // prefer their slots would take it and write three slots.
-    let busy_slot = "UPDATE job_slots SET job_id = gen_random_uuid(), user_id = 'dave', \
-                     lease_expires_at = now() + interval '1 hour' WHERE slot = 1";
-    t.db.pool
-        .get()
-        .await
-        .unwrap()
-        .execute(busy_slot, &[])
-        .await
-        .unwrap();
-    let two_each = shared::jobs::Limits {
-        slots: 5,
-        per_user: 2,
-    };
-    let mut conn = t.db.pool.get().await.unwrap();
-    let running = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), two_each, &[])
-        .await
-        .unwrap()
-        .jobs;
-    assert_eq!(running.len(), 2);
-    let theirs: Vec<i32> = conn
-        .query(
-            "SELECT slot FROM job_slots WHERE job_id = ANY ($1) ORDER BY slot",
-            &[&vec![first, second]],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(theirs, [2, 3]);
-    t.insert_job(third, &alice, "three").await;
-    // Alice's third job waits for her allowance, not for a reservation.
-    t.db.pool
-        .get()
-        .await
-        .unwrap()
-        .execute(
-            "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
-            &[&third],
-        )
-        .await
-        .unwrap();
-
-    conn.execute(
-        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE slot = 1",
-        &[],
-    )
-    .await
-    .unwrap();
-    let tx = conn.transaction().await.unwrap();
-    let slot_writes_before = slot_updates(&tx).await;
-    let done = completions(&running);
-    let applied =
-        shared::jobs::complete_many_keeping_slots(&tx, &done.iter().collect::<Vec<_>>(), "m")
-            .await
-            .unwrap();
-    let handed: Vec<Uuid> = applied.into_iter().collect();
-    let line = shared::jobs::claim_line(&tx, 2, Duration::from_secs(60), two_each, &handed)
-        .await
-        .unwrap();
-    let slot_writes = slot_updates(&tx).await - slot_writes_before;
-    tx.commit().await.unwrap();
-
-    // The two finished jobs no longer count against Alice, so her third starts, in the first
-    // of their slots (not in the free slot 1); the other is freed. Two slot writes, where a
-    // release of each and a take would be three.
-    assert_eq!(
-        line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
-        [third]
-    );
-    assert_eq!(slot_writes, 2);
-    let conn = t.db.pool.get().await.unwrap();
-    let held: Vec<(i32, Uuid)> = conn
-        .query(
-            "SELECT slot, job_id FROM job_slots WHERE job_id IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(held, [(2, third)]);
-}
-
-/// Alice's first two jobs running (claimed from the line), her third waiting for her
-/// allowance of two.
+/// Alice's first two jobs running in slots 2 and 3 (claimed from the line), her third waiting
+/// for her allowance of two, and slot 1 free.
 async fn two_running_and_one_waiting(t: &TestApp) -> (Vec<shared::jobs::Claimed>, Uuid) {
     let alice = user("alice", None);
     let (first, second, third) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
@@ -533,14 +426,24 @@ async fn two_running_and_one_waiting(t: &TestApp) -> (Vec<shared::jobs::Claimed>
     t.insert_job(second, &alice, "two").await;
     t.free_all_slots().await;
     let conn = t.db.pool.get().await.unwrap();
-    let running = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), TWO_EACH, &[])
+    // Slot 1 is busy while the two start, and free once they run: a claim that did not
+    // prefer a finished job's slot would take it.
+    conn.execute(
+        "UPDATE job_slots SET job_id = gen_random_uuid(), user_id = 'dave', \
+         lease_expires_at = now() + interval '1 hour' WHERE slot = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let running = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), TWO_EACH)
         .await
         .unwrap()
         .jobs;
     assert_eq!(running.len(), 2);
     t.insert_job(third, &alice, "three").await;
     conn.execute(
-        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL WHERE job_id = $1",
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL \
+         WHERE job_id = $1 OR slot = 1",
         &[&third],
     )
     .await
@@ -633,19 +536,21 @@ async fn finished_two() -> FinishedTwo {
 }
 
 #[tokio::test]
-async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_their_slots() {
+async fn a_completer_round_commits_its_completions_and_hands_their_slots_to_the_jobs_it_claims() {
     let f = finished_two().await;
     let (t, third) = (&f.t, f.third);
     let conn = t.db.pool.get().await.unwrap();
 
     let (round, handed) = f.begin(&conn).await;
     let shared::jobs::RoundEnd::Committed(line) = round
-        .claim_and_commit(1, Duration::from_secs(60), TWO_EACH, &handed)
+        .claim_and_commit(2, Duration::from_secs(60), TWO_EACH, &handed)
         .await
     else {
         panic!("the round did not commit")
     };
 
+    // The two finished jobs no longer count against Alice, so her third starts, in the first
+    // of their slots (not in the free slot 1), and the other is freed.
     assert_eq!(
         line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
         [third]
@@ -653,8 +558,22 @@ async fn a_completer_round_commits_its_completions_with_the_jobs_it_claims_for_t
     let [one, two, three] = <[_; 3]>::try_from(states(t, &f.ids).await).unwrap();
     assert_eq!(one, ("completed".to_owned(), None));
     assert_eq!(two, ("completed".to_owned(), None));
-    assert_eq!(three.0, "processing");
-    assert!(three.1.is_some(), "the claimed job holds a slot");
+    assert_eq!(three, ("processing".to_owned(), Some(2)));
+    // Only slots 2 and 3 were written, each once: a release and a take would also have
+    // written slot 1. (Every row the round wrote carries its transaction id, as the claimed
+    // job's does.)
+    let written: Vec<i32> = conn
+        .query(
+            "SELECT slot FROM job_slots WHERE xmin = \
+             (SELECT xmin FROM generation_jobs WHERE id = $1) ORDER BY slot",
+            &[&third],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(written, [2, 3]);
     assert!(idle(&conn).await, "the round committed");
 }
 
