@@ -1,13 +1,21 @@
 -- One job as its owner sees it. Another user's job is indistinguishable from a missing one.
 -- A queued job's position counts the queued jobs that will be claimed before it (in fair-share
--- order), plus one;
+-- order), plus one: on the shorter side of the job, judged by its key's distance from the
+-- line's two ends, either the jobs ahead or all queued jobs (queue_tally) less those behind;
 -- recent_run_seconds is the mean run time of the last 50 completed jobs of its type.
 SELECT id, user_id, tenant_id, job_type, entity_id, params, status, progress, result_media_id, error_message, attempts, max_attempts, created_at, started_at, completed_at,
        (status = 'processing' AND lease_expires_at IS NULL) AS awaiting_provider, submitted_at, provider_expected_at, checked_at,
-       CASE WHEN j.status = 'queued' THEN (
-           SELECT count(*) + 1 FROM generation_jobs q
-           WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id)
-       ) END AS position,
+       CASE WHEN j.status <> 'queued' THEN NULL
+            WHEN j.fair_key - (SELECT fair_key FROM generation_jobs WHERE status = 'queued'
+                               ORDER BY fair_key, created_at, id LIMIT 1)
+                 <= (SELECT fair_key FROM generation_jobs WHERE status = 'queued'
+                     ORDER BY fair_key DESC, created_at DESC, id DESC LIMIT 1) - j.fair_key
+            THEN (SELECT count(*) + 1 FROM generation_jobs q
+                  WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id))
+            ELSE (SELECT sum(queued) FROM queue_tally)::int8
+                 - (SELECT count(*) FROM generation_jobs q
+                    WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) > (j.fair_key, j.created_at, j.id))
+       END AS position,
        CASE WHEN j.status = 'queued' THEN (
            SELECT avg(extract(epoch FROM r.completed_at - r.started_at))::float8
            FROM (SELECT completed_at, started_at FROM generation_jobs

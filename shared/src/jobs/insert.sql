@@ -4,7 +4,8 @@
 -- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
 -- reserve different slots, so no more jobs are answered `direct` than there were free slots.
 -- queued_ahead counts the queued jobs that will start before this one (its position - 1); 0
--- when direct.
+-- when direct. It counts the shorter side of the job, judged by its key's distance from the
+-- line's two ends: the jobs ahead, or all queued jobs (queue_tally) less those behind.
 -- With $13 (a lease in seconds: a local worker stands ready) a job given a slot does not wait
 -- for a claim: it is inserted already claimed (attempt 1, leased for $13 seconds, and so is its
 -- slot), which saves a statement and a commit before it starts. started_at says so.
@@ -28,6 +29,9 @@ WITH recent AS (
     SELECT ($11 = 0 OR (SELECT n FROM recent) < $11) AND ($12 = 0 OR (SELECT n FROM mine_queued) < $12) AS ok
 ), head AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
+), tail AS (
+    SELECT fair_key FROM generation_jobs WHERE status = 'queued'
+    ORDER BY fair_key DESC, created_at DESC, id DESC LIMIT 1
 ), user_jobs AS (
     SELECT max(fair_key) AS last_key FROM generation_jobs WHERE user_id = $2 AND status IN ('queued', 'processing')
 ), at_limit AS (
@@ -81,8 +85,13 @@ SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
        EXISTS (SELECT 1 FROM reserved) AS direct,
        -- Only a queued answer has a position: a direct one is spared the count.
        CASE WHEN EXISTS (SELECT 1 FROM reserved) THEN 0
-            ELSE (SELECT count(*) FROM generation_jobs q
-                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)) END AS queued_ahead,
+            WHEN (SELECT fair_key FROM job) - (SELECT fair_key FROM head)
+                 <= (SELECT fair_key FROM tail) - (SELECT fair_key FROM job)
+            THEN (SELECT count(*) FROM generation_jobs q
+                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job))
+            ELSE (SELECT sum(queued) FROM queue_tally)::int8
+                 - (SELECT count(*) FROM generation_jobs q
+                    WHERE q.status = 'queued' AND q.fair_key > (SELECT fair_key FROM job)) END AS queued_ahead,
        (SELECT n FROM recent) AS recent_jobs,
        (SELECT oldest FROM recent) AS recent_oldest
 FROM (SELECT 1) one LEFT JOIN job j ON true

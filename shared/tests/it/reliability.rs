@@ -926,6 +926,102 @@ async fn one_users_pile_of_jobs_does_not_starve_a_newcomer_and_positions_say_so(
     }
 }
 
+/// The position a plain count of the whole line gives: the queued jobs before this one in
+/// fair-share order, plus one.
+async fn counted_position(t: &TestApp, id: Uuid) -> i64 {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.query_one(
+        "SELECT count(*) + 1 FROM generation_jobs q, generation_jobs j \
+         WHERE j.id = $1 AND q.status = 'queued' \
+           AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id)",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_of_it() {
+    // Piles of three sizes interleave in fair-share order, so some jobs sit nearer the head
+    // (counted directly) and some nearer the tail (the tally less the jobs behind).
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[
+            ("MAX_CONCURRENT_JOBS", "1"),
+            ("RATE_LIMIT_PER_MINUTE", "0"),
+            ("MAX_QUEUED_PER_USER", "0"),
+        ],
+    )
+    .await;
+    let users = [user("alice", None), user("bob", None), user("carol", None)];
+    let mut jobs = Vec::new();
+    for round in 0..12 {
+        for (u, who) in users.iter().enumerate() {
+            if round >= [12, 3, 7][u] {
+                continue;
+            }
+            let answer = enqueue_as(&t, who).await;
+            let id = id_of(&answer);
+            if answer["mode"] == "queued" {
+                assert_eq!(
+                    answer["position"].as_i64(),
+                    Some(counted_position(&t, id).await),
+                    "the answer to enqueue {round} of user {u}"
+                );
+            }
+            jobs.push((id, who.clone()));
+        }
+    }
+    let conn = t.db.pool.get().await.unwrap();
+    let status_positions = |jobs: Vec<(Uuid, shared::model::Identity)>| {
+        let t = &t;
+        async move {
+            let mut wrong = Vec::new();
+            let mut queued = 0;
+            for (id, who) in &jobs {
+                let (_, status) = call(
+                    &t.app,
+                    api_request(
+                        "GET",
+                        &format!("/api/generate/status/{id}"),
+                        Some(who),
+                        None,
+                    ),
+                )
+                .await;
+                if status["status"] != "queued" {
+                    continue;
+                }
+                queued += 1;
+                let counted = counted_position(t, *id).await;
+                if status["position"].as_i64() != Some(counted) {
+                    wrong.push((status["position"].clone(), counted));
+                }
+            }
+            (queued, wrong)
+        }
+    };
+    // All 22 wait: the first holds the one slot's reservation but has not started.
+    assert_eq!(status_positions(jobs.clone()).await, (22, vec![]));
+
+    // Jobs leave the line at its head (claims) and from its middle (a cancellation).
+    let claimed = shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    assert!(shared::jobs::fail(&conn, &claimed[0], "done", false)
+        .await
+        .unwrap()
+        .applied());
+    let (middle, owner) = jobs[9].clone();
+    assert!(shared::jobs::cancel(&conn, middle, &owner, 1)
+        .await
+        .unwrap()
+        .applied());
+    assert_eq!(status_positions(jobs).await, (20, vec![]));
+}
+
 #[tokio::test]
 async fn a_user_at_the_per_user_limit_waits_while_others_use_the_free_slots() {
     let t = TestApp::configured(

@@ -51,17 +51,34 @@ impl TestDb {
 }
 
 impl Drop for TestDb {
+    /// Every test also checks, at its end, that the queue tally still counts exactly the
+    /// queued jobs, whatever ways in and out of the queue the test took.
     fn drop(&mut self) {
         let name = self.name.clone();
-        let admin = server_url("postgres");
+        let (own, admin) = (self.url.clone(), server_url("postgres"));
         self.pool.close();
         // Drop runs outside async context: use a thread with its own small runtime.
-        let _ = std::thread::spawn(move || {
+        let tally = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
+                let mut tally = None;
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&own, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    tally = client
+                        .query_one(
+                            "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
+                                    (SELECT count(*) FROM generation_jobs WHERE status = 'queued')",
+                            &[],
+                        )
+                        .await
+                        .ok()
+                        .map(|row| (row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)));
+                }
                 if let Ok((client, conn)) =
                     tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
                 {
@@ -73,9 +90,17 @@ impl Drop for TestDb {
                         )
                         .await;
                 }
-            });
+                tally
+            })
         })
         .join();
+        if let (Ok(Some((tallied, queued))), false) = (tally, std::thread::panicking()) {
+            assert_eq!(
+                tallied,
+                Some(queued),
+                "the queue tally against the queued jobs"
+            );
+        }
     }
 }
 
