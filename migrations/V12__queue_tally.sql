@@ -5,26 +5,40 @@
 -- the job is shorter; a job joining the end of a deep queue then counts almost nothing.
 --
 -- The count lives in shards so that concurrent transactions rarely wait on one row: each adds
--- to the shard its backend names, and only the sum means anything. A trigger keeps it, so no
--- statement, present or future, can move a job in or out of the queue and forget it; its WHEN
--- clause is checked without calling the function, so updates that leave queued-ness alone
--- (progress, heartbeats, completions) pay nothing. Read in one snapshot with the jobs, the sum
--- equals their count, since each change commits with the job row it counts.
+-- to the shard its transaction id names (transactions in flight together have nearby ids), and
+-- only the sum means anything. Triggers keep it, so no statement, present or future, can move a
+-- job in or out of the queue and forget it. Updates are counted once per statement, from its
+-- transition tables: a claim of twenty jobs writes the tally once, not twenty times, and a
+-- statement that leaves queued-ness alone (progress, heartbeats, completions) writes nothing.
+-- Read in one snapshot with the jobs, the sum equals their count, since each change commits
+-- with the rows it counts.
 CREATE TABLE queue_tally (
     shard  smallint PRIMARY KEY CHECK (shard BETWEEN 0 AND 63),
     queued bigint NOT NULL
 ) WITH (fillfactor = 50);
 
-CREATE FUNCTION queue_tally_count() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    joined int := -1;
+CREATE FUNCTION queue_tally_add(joined bigint) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP <> 'DELETE' THEN
-        IF NEW.status = 'queued' THEN
-            joined := 1;
-        END IF;
+    UPDATE queue_tally SET queued = queued + joined WHERE shard = txid_current() % 64;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'queue_tally has no shard %', txid_current() % 64;
     END IF;
-    UPDATE queue_tally SET queued = queued + joined WHERE shard = pg_backend_pid() % 64;
+END $$;
+
+CREATE FUNCTION queue_tally_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM queue_tally_add(CASE TG_OP WHEN 'INSERT' THEN 1 ELSE -1 END);
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION queue_tally_moved() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    joined bigint := (SELECT count(*) FROM moved_in WHERE status = 'queued')
+                     - (SELECT count(*) FROM moved_out WHERE status = 'queued');
+BEGIN
+    IF joined <> 0 THEN
+        PERFORM queue_tally_add(joined);
+    END IF;
     RETURN NULL;
 END $$;
 
@@ -37,12 +51,12 @@ END $$;
 -- Creating the triggers locks out writers until this migration commits, so the count taken
 -- after them cannot miss a job.
 CREATE TRIGGER queue_tally_insert AFTER INSERT ON generation_jobs
-    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION queue_tally_count();
-CREATE TRIGGER queue_tally_update AFTER UPDATE OF status ON generation_jobs
-    FOR EACH ROW WHEN ((OLD.status = 'queued') <> (NEW.status = 'queued'))
-    EXECUTE FUNCTION queue_tally_count();
+    FOR EACH ROW WHEN (NEW.status = 'queued') EXECUTE FUNCTION queue_tally_row();
+CREATE TRIGGER queue_tally_update AFTER UPDATE ON generation_jobs
+    REFERENCING OLD TABLE AS moved_out NEW TABLE AS moved_in
+    FOR EACH STATEMENT EXECUTE FUNCTION queue_tally_moved();
 CREATE TRIGGER queue_tally_delete AFTER DELETE ON generation_jobs
-    FOR EACH ROW WHEN (OLD.status = 'queued') EXECUTE FUNCTION queue_tally_count();
+    FOR EACH ROW WHEN (OLD.status = 'queued') EXECUTE FUNCTION queue_tally_row();
 CREATE TRIGGER queue_tally_truncate AFTER TRUNCATE ON generation_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION queue_tally_reset();
 

@@ -8,7 +8,7 @@ SELECT id, user_id, tenant_id, job_type, entity_id, params, status, progress, re
        CASE WHEN j.status <> 'queued' THEN NULL
             WHEN j.fair_key - (SELECT fair_key FROM generation_jobs WHERE status = 'queued'
                                ORDER BY fair_key, created_at, id LIMIT 1)
-                 <= (SELECT fair_key FROM generation_jobs WHERE status = 'queued'
+                 < (SELECT fair_key FROM generation_jobs WHERE status = 'queued'
                      ORDER BY fair_key DESC, created_at DESC, id DESC LIMIT 1) - j.fair_key
             THEN (SELECT count(*) + 1 FROM generation_jobs q
                   WHERE q.status = 'queued' AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id))

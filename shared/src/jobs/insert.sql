@@ -84,9 +84,10 @@ SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
        j.created_at, j.started_at, j.completed_at,
        EXISTS (SELECT 1 FROM reserved) AS direct,
        -- Only a queued answer has a position: a direct one is spared the count.
-       CASE WHEN EXISTS (SELECT 1 FROM reserved) THEN 0
+       CASE WHEN EXISTS (SELECT 1 FROM reserved) OR NOT EXISTS (SELECT 1 FROM job) THEN 0
+            -- A tie goes to the tally: a job at or past the tail has nothing behind it.
             WHEN (SELECT fair_key FROM job) - (SELECT fair_key FROM head)
-                 <= (SELECT fair_key FROM tail) - (SELECT fair_key FROM job)
+                 < (SELECT fair_key FROM tail) - (SELECT fair_key FROM job)
             THEN (SELECT count(*) FROM generation_jobs q
                   WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job))
             ELSE (SELECT sum(queued) FROM queue_tally)::int8

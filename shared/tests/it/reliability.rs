@@ -941,6 +941,24 @@ async fn counted_position(t: &TestApp, id: Uuid) -> i64 {
     .get(0)
 }
 
+/// Enqueues as `who`; a queued answer's position must be what a plain count says.
+async fn enqueue_and_check_position(
+    t: &TestApp,
+    who: &shared::model::Identity,
+) -> (Uuid, shared::model::Identity) {
+    let answer = enqueue_as(t, who).await;
+    let id = id_of(&answer);
+    if answer["mode"] == "queued" {
+        assert_eq!(
+            answer["position"].as_i64(),
+            Some(counted_position(t, id).await),
+            "the answer to {}'s enqueue",
+            who.user_id
+        );
+    }
+    (id, who.clone())
+}
+
 #[tokio::test]
 async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_of_it() {
     // Piles of three sizes interleave in fair-share order, so some jobs sit nearer the head
@@ -962,18 +980,13 @@ async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_o
             if round >= [12, 3, 7][u] {
                 continue;
             }
-            let answer = enqueue_as(&t, who).await;
-            let id = id_of(&answer);
-            if answer["mode"] == "queued" {
-                assert_eq!(
-                    answer["position"].as_i64(),
-                    Some(counted_position(&t, id).await),
-                    "the answer to enqueue {round} of user {u}"
-                );
-            }
-            jobs.push((id, who.clone()));
+            jobs.push(enqueue_and_check_position(&t, who).await);
         }
     }
+    // One more of carol's lands between the middle and the tail (jobs behind it), and a
+    // newcomer's first lands at the head's key (jobs ahead of it at that key).
+    jobs.push(enqueue_and_check_position(&t, &users[2]).await);
+    jobs.push(enqueue_and_check_position(&t, &user("dave", None)).await);
     let conn = t.db.pool.get().await.unwrap();
     let status_positions = |jobs: Vec<(Uuid, shared::model::Identity)>| {
         let t = &t;
@@ -1003,8 +1016,8 @@ async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_o
             (queued, wrong)
         }
     };
-    // All 22 wait: the first holds the one slot's reservation but has not started.
-    assert_eq!(status_positions(jobs.clone()).await, (22, vec![]));
+    // All 24 wait: the first holds the one slot's reservation but has not started.
+    assert_eq!(status_positions(jobs.clone()).await, (24, vec![]));
 
     // Jobs leave the line at its head (claims) and from its middle (a cancellation).
     let claimed = shared::jobs::claim_next(&conn, 10, Duration::from_secs(60), 1)
@@ -1019,7 +1032,7 @@ async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_o
         .await
         .unwrap()
         .applied());
-    assert_eq!(status_positions(jobs).await, (20, vec![]));
+    assert_eq!(status_positions(jobs).await, (22, vec![]));
 }
 
 #[tokio::test]

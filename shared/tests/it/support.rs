@@ -64,21 +64,20 @@ impl Drop for TestDb {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let mut tally = None;
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&own, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    tally = client
-                        .query_one(
-                            "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
-                                    (SELECT count(*) FROM generation_jobs WHERE status = 'queued')",
-                            &[],
-                        )
-                        .await
-                        .ok()
-                        .map(|row| (row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)));
-                }
+                let tally = match tokio_postgres::connect(&own, tokio_postgres::NoTls).await {
+                    Ok((client, conn)) => {
+                        tokio::spawn(conn);
+                        client
+                            .query_one(
+                                "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
+                                        (SELECT count(*) FROM generation_jobs WHERE status = 'queued')",
+                                &[],
+                            )
+                            .await
+                            .map(|row| (row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)))
+                    }
+                    Err(e) => Err(e),
+                };
                 if let Ok((client, conn)) =
                     tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
                 {
@@ -94,7 +93,10 @@ impl Drop for TestDb {
             })
         })
         .join();
-        if let (Ok(Some((tallied, queued))), false) = (tally, std::thread::panicking()) {
+        if !std::thread::panicking() {
+            let (tallied, queued) = tally
+                .expect("the check thread")
+                .expect("the queue tally could be read");
             assert_eq!(
                 tallied,
                 Some(queued),
