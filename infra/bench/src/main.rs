@@ -161,7 +161,13 @@ impl Bench {
         tokio::spawn(conn);
         let others = "SELECT count(*) FROM pg_stat_activity \
                       WHERE datname = current_database() AND pid <> pg_backend_pid()";
-        while client.query_one(others, &[]).await.unwrap().get::<_, i64>(0) > 0 {
+        while client
+            .query_one(others, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -686,6 +692,8 @@ async fn main() {
         let elapsed = started.elapsed();
         let _ = stop_tx.send(());
         runner.await.unwrap();
+        // The drain's last second of statistics too.
+        b.publish_statistics().await;
         let after = b.work().await;
         let rate = drain_jobs as f64 / elapsed.as_secs_f64();
         table.push(format!(
