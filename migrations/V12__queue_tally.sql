@@ -49,7 +49,8 @@ END $$;
 
 CREATE FUNCTION queue_tally_reset() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE queue_tally SET queued = 0 WHERE queued <> 0;
+    -- Every shard, without a condition a stale snapshot could misjudge.
+    UPDATE queue_tally SET queued = 0;
     RETURN NULL;
 END $$;
 

@@ -823,3 +823,46 @@ async fn a_slot_names_its_holders_user_or_nobody() {
         );
     }
 }
+
+#[tokio::test]
+async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_jobs() {
+    let t = TestApp::embedded().await;
+    for _ in 0..5 {
+        t.insert_job(Uuid::now_v7(), &user("alice", None), "x")
+            .await;
+    }
+    let conn = t.db.pool.get().await.unwrap();
+    let tally_and_count = "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
+                                  (SELECT count(*) FROM generation_jobs WHERE status = 'queued')";
+    let read = |row: tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, i64>(1));
+    assert_eq!(
+        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
+        (5, 5)
+    );
+
+    conn.batch_execute(
+        "DELETE FROM generation_jobs WHERE id IN \
+         (SELECT id FROM generation_jobs ORDER BY created_at LIMIT 2)",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
+        (3, 3)
+    );
+
+    conn.batch_execute("TRUNCATE generation_jobs CASCADE")
+        .await
+        .unwrap();
+    assert_eq!(
+        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
+        (0, 0)
+    );
+
+    // And it counts on from there.
+    t.insert_job(Uuid::now_v7(), &user("bob", None), "x").await;
+    assert_eq!(
+        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
+        (1, 1)
+    );
+}

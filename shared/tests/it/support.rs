@@ -67,6 +67,10 @@ impl Drop for TestDb {
                 let tally = match tokio_postgres::connect(&own, tokio_postgres::NoTls).await {
                     Ok((client, conn)) => {
                         tokio::spawn(conn);
+                        // A session the test left holding a lock must not hang it here.
+                        let _ = client
+                            .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '10s'")
+                            .await;
                         client
                             .query_one(
                                 "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
