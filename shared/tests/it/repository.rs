@@ -832,13 +832,7 @@ async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_j
             .await;
     }
     let conn = t.db.pool.get().await.unwrap();
-    let tally_and_count = "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
-                                  (SELECT count(*) FROM generation_jobs WHERE status = 'queued')";
-    let read = |row: tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, i64>(1));
-    assert_eq!(
-        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
-        (5, 5)
-    );
+    assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(5), 5));
 
     conn.batch_execute(
         "DELETE FROM generation_jobs WHERE id IN \
@@ -846,23 +840,14 @@ async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_j
     )
     .await
     .unwrap();
-    assert_eq!(
-        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
-        (3, 3)
-    );
+    assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(3), 3));
 
     conn.batch_execute("TRUNCATE generation_jobs CASCADE")
         .await
         .unwrap();
-    assert_eq!(
-        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
-        (0, 0)
-    );
+    assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(0), 0));
 
     // And it counts on from there.
     t.insert_job(Uuid::now_v7(), &user("bob", None), "x").await;
-    assert_eq!(
-        read(conn.query_one(tally_and_count, &[]).await.unwrap()),
-        (1, 1)
-    );
+    assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(1), 1));
 }

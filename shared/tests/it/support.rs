@@ -71,14 +71,7 @@ impl Drop for TestDb {
                         let _ = client
                             .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '10s'")
                             .await;
-                        client
-                            .query_one(
-                                "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
-                                        (SELECT count(*) FROM generation_jobs WHERE status = 'queued')",
-                                &[],
-                            )
-                            .await
-                            .map(|row| (row.get::<_, Option<i64>>(0), row.get::<_, i64>(1)))
+                        tally_and_queued(&client).await
                     }
                     Err(e) => Err(e),
                 };
@@ -108,6 +101,20 @@ impl Drop for TestDb {
             );
         }
     }
+}
+
+/// The queue tally and the number of queued jobs it must equal, read in one snapshot.
+pub async fn tally_and_queued(
+    db: &tokio_postgres::Client,
+) -> Result<(Option<i64>, i64), tokio_postgres::Error> {
+    let row = db
+        .query_one(
+            "SELECT (SELECT sum(queued) FROM queue_tally)::int8, \
+                    (SELECT count(*) FROM generation_jobs WHERE status = 'queued')",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 pub fn config(database_url: &str, media_dir: &std::path::Path) -> Config {
