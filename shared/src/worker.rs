@@ -580,9 +580,8 @@ async fn write_one(app: &App, completion: &jobs::Completion) -> Result<bool, Wor
     Ok(applied.contains(&completion.job_id))
 }
 
-/// One completer round: the batch's completions, then claims for the slots they freed, in one
-/// transaction of two round trips. A failed claim rolls the round back; the completions are
-/// then written alone.
+/// One completer round: the batch's completions, and claims for the slots they freed, in one
+/// statement. A failed round writes nothing; the completions are then written alone.
 async fn write_batch(
     app: &App,
     claiming: &tokio::sync::Mutex<()>,
@@ -597,35 +596,23 @@ async fn write_batch(
     let conn = app.pool.get().await?;
     let wants =
         !stopped.load(std::sync::atomic::Ordering::Relaxed) && batch.iter().any(|f| f.take_next);
-    // While the last claim left no job waiting and none has come since, a claim would find
-    // nothing. `claiming` is then held through the write, so every claim either ended before
-    // this look (what it found is what was looked at) or starts after this commit and sees
-    // the slots and allowances it frees.
-    let quiet = match (wants, bell) {
-        (true, Some(bell)) => {
-            let guard = claiming.lock().await;
-            (!bell.may_have_waiting()).then_some(guard)
-        }
-        _ => None,
+    // Held through the write: every claim either ended before the look at the bell below (what
+    // it found is what was looked at) or starts after this commit and sees the slots and
+    // allowances it frees or takes.
+    let _claiming = if wants {
+        Some(claiming.lock().await)
+    } else {
+        None
     };
-    if !wants || quiet.is_some() {
-        // The completions alone, in one statement.
+    // While the last claim left no job waiting and none has come since, a claim would find
+    // nothing.
+    let quiet = bell.is_some_and(|bell| !bell.may_have_waiting());
+    if !wants || quiet {
+        // The completions alone, freeing their slots.
         let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
         return Ok((applied, Vec::new()));
     }
-    // Their slots stay held for the claim below to hand straight on.
-    let (round, applied) =
-        jobs::Round::begin_completing(&conn, &completions, app.generator.model()).await?;
-    let handed: Vec<uuid::Uuid> = applied.iter().copied().collect();
-    let wanted = batch
-        .iter()
-        .filter(|f| f.take_next && applied.contains(&f.completion.job_id))
-        .count();
-    if wanted == 0 {
-        round.free_and_commit(&handed).await?;
-        return Ok((applied, Vec::new()));
-    }
-    let _claiming = claiming.lock().await;
+    let takes: Vec<bool> = batch.iter().map(|f| f.take_next).collect();
     // What the claim finds holds only once the round commits: until then, and for good if it
     // fails, the line may have jobs.
     let token = bell.map(|b| {
@@ -633,25 +620,25 @@ async fn write_batch(
         b.after_claim(token, None);
         token
     });
-    // Committed while the claim lock is held, so the next claim sees these slots taken.
-    match round
-        .claim_and_commit(
-            wanted as i64,
-            app.config.job_lease,
-            app.config.limits(),
-            &handed,
-        )
-        .await
+    match jobs::complete_and_claim(
+        &conn,
+        &completions,
+        &takes,
+        app.generator.model(),
+        app.config.job_lease,
+        app.config.limits(),
+    )
+    .await
     {
-        jobs::RoundEnd::Committed(line) => {
+        jobs::RoundEnd::Committed { applied, line } => {
             if let (Some(bell), Some(token)) = (bell, token) {
                 bell.after_claim(token, Some(line.left_waiting));
             }
             Ok((applied, line.jobs))
         }
         jobs::RoundEnd::Undone(e) => {
-            // The round rolled back whole: its completions are written again on their own,
-            // freeing their slots, and the claimer takes those slots.
+            // Nothing was written: the completions are written again on their own, freeing
+            // their slots, and the claimer takes those slots.
             tracing::warn!(error = %chain(&e), "claiming with a completion batch failed; writing the completions alone");
             if let Some(bell) = bell {
                 bell.ring();
@@ -659,8 +646,8 @@ async fn write_batch(
             let applied = jobs::complete_many(&conn, &completions, app.generator.model()).await?;
             Ok((applied, Vec::new()))
         }
-        jobs::RoundEnd::Unread(e) => {
-            tracing::error!(error = %chain(&e), "a completion batch committed, but the jobs it claimed could not be read; they run again when their lease runs out");
+        jobs::RoundEnd::Unread { applied, error } => {
+            tracing::error!(error = %chain(&error), "a completion batch committed, but the jobs it claimed could not be read; they run again when their lease runs out");
             if let Some(bell) = bell {
                 bell.ring();
             }

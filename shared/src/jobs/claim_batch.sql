@@ -1,36 +1,50 @@
--- Claims up to $1 jobs in one statement (the embedded queue): every due job holding a
--- reservation, plus the next waiting jobs in fair-share order paired with as many free slots
--- (within the first $3), each user getting no more than its $4-slot allowance. One commit for
--- the whole batch.
--- $5 names jobs this transaction has just completed without freeing their slots (the
--- completer's round): those slots go straight to the next jobs, one write each instead of a
--- release and a take, and whatever is not given away is freed here. Their jobs count against
--- no user's allowance. Every row it will change is locked up front with SKIP LOCKED, so a
--- claim never waits on another statement (and so never takes part in a deadlock): a job or slot
--- someone else holds is simply left for the next claim. (The one exception: a handed slot it
--- frees unused, which another claimer can hold only if its job's lease ran out; that is a
--- short wait for that claim's commit, on a row no one waits on in turn.)
+-- Follows completions.sql: hands the completed jobs' slots to the next jobs in line, in the
+-- same statement and so the same commit (the embedded queue's completer round: one round trip
+-- and one commit for a batch of completions and the claims they free slots for). Without
+-- completions it is the embedded claimer's claim of up to $17 jobs.
+-- It claims, as slots allow, one job for each completed job whose worker takes another ($16,
+-- beside $1), plus $17: every due job holding a reservation, plus the next waiting jobs in
+-- fair-share order paired with as many free slots (within the first $19), each user getting no
+-- more than its $20-slot allowance. $18 is the lease in seconds.
+-- The completed jobs' slots go straight to the next jobs, one write each instead of a release
+-- and a take, and whatever is not given away is freed here. Their jobs count against no user's
+-- allowance. Every row it will change is locked up front with SKIP LOCKED, so a claim never
+-- waits on another statement (and so never takes part in a deadlock): a job or slot someone
+-- else holds is simply left for the next claim. (The exceptions: the completions, locked in id
+-- order as completions.sql says, and a completed job's slot it frees unused, which another
+-- claimer can hold only if its job's lease ran out; that is a short wait for that claim's
+-- commit, on a row no one waits on in turn.)
+-- Every CTE reads the one snapshot taken before the completions: the completed jobs are still
+-- `processing` there and their slots still name them, which is what the claim below expects of
+-- slots it is handed.
 -- `(status = 'queued') IS TRUE` where a job is found by id: the plain form lets the planner
 -- serve the lookup from a partial index of queued jobs that happens to hold `id`, and with
 -- statistics taken while few jobs were queued it does, scanning that whole index for one id
 -- (measured: 3.5 ms at 10,000 queued). This form matches no partial index, so the primary key
 -- serves it.
-WITH held_by_user AS (
+, handed_jobs AS (
+    SELECT coalesce(array_agg(id), '{}') AS ids FROM done
+), wanted AS (
+    SELECT count(*) + $17 AS n
+    FROM done JOIN unnest($1::uuid[], $16::bool[]) AS t(id, takes) USING (id)
+    WHERE t.takes
+), held_by_user AS (
     SELECT user_id, count(*) AS held FROM job_slots
-    WHERE job_id IS NOT NULL AND lease_expires_at > now() AND job_id <> ALL (coalesce($5::uuid[], '{}'))
+    WHERE job_id IS NOT NULL AND lease_expires_at > now() AND job_id <> ALL ((SELECT ids FROM handed_jobs)::uuid[])
     GROUP BY user_id
 ), handed AS (
     -- Read only when there are any. `slot + 0`: a generic plan would otherwise walk the slot
-    -- key through all of the first $3 slots, which costs more than reading the table.
+    -- key through all of the first $19 slots, which costs more than reading the table.
     SELECT slot FROM job_slots
-    WHERE cardinality($5::uuid[]) > 0 AND job_id = ANY ($5) AND slot + 0 <= $3
+    WHERE cardinality((SELECT ids FROM handed_jobs)) > 0 AND job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
+      AND slot + 0 <= $19
     FOR UPDATE SKIP LOCKED
 ), open AS (
-    -- In slot order, so the primary key is walked only as far as $1 free slots.
+    -- In slot order, so the primary key is walked only as far as `wanted` free slots.
     SELECT slot FROM job_slots
-    WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())
-      AND (job_id IS NULL OR job_id <> ALL (coalesce($5::uuid[], '{}')))
-    ORDER BY slot LIMIT $1
+    WHERE slot <= $19 AND (job_id IS NULL OR lease_expires_at <= now())
+      AND (job_id IS NULL OR job_id <> ALL ((SELECT ids FROM handed_jobs)::uuid[]))
+    ORDER BY slot LIMIT (SELECT n FROM wanted)
     FOR UPDATE SKIP LOCKED
 ), free AS (
     -- The handed slots first, so that as few as possible are written twice.
@@ -41,7 +55,7 @@ WITH held_by_user AS (
     FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id
     WHERE q.id = ANY (ARRAY(SELECT job_id FROM job_slots WHERE job_id IS NOT NULL AND lease_expires_at > now()))
       AND s.lease_expires_at > now() AND (q.status = 'queued') IS TRUE AND q.run_after <= now()
-    LIMIT $1
+    LIMIT (SELECT n FROM wanted)
     FOR UPDATE OF s, q SKIP LOCKED
 ), head AS (
     -- A bounded look at the front of the line, ranked within each user. Not locked here: see
@@ -51,20 +65,20 @@ WITH held_by_user AS (
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
           -- An array, not IN (subquery): the planner then fetches these few rows by primary key
           -- even in a generic plan, which cannot know the LIMIT and would scan the table.
-          WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * $1 + 16))
+          WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * (SELECT n FROM wanted) + 16))
             AND (q.status = 'queued') IS TRUE) w
 ), next AS (
     SELECT h.id FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
-    WHERE h.turn <= $4 - coalesce(u.held, 0)
+    WHERE h.turn <= $20 - coalesce(u.held, 0)
 ), taken_rows AS (
-    -- The jobs within their users' allowance are locked in line order until there are $1: one
+    -- The jobs within their users' allowance are locked in line order until there are `wanted`: one
     -- that another claimer holds is skipped for the next, and the rest of the lookahead is never
     -- locked (each row lock is a WAL record; locking it all took 92 locks to claim 19 jobs). A
     -- job claimed and committed since this statement's snapshot fails the re-checked status.
     SELECT q.id, q.fair_key, q.created_at FROM generation_jobs q
     WHERE q.id = ANY (ARRAY(SELECT id FROM next)) AND (q.status = 'queued') IS TRUE
     ORDER BY q.fair_key, q.created_at, q.id
-    LIMIT $1
+    LIMIT (SELECT n FROM wanted)
     FOR UPDATE SKIP LOCKED
 ), lapsed AS (
     -- Reservations that ran out still name some of these jobs: a job claimed with another slot
@@ -80,20 +94,20 @@ WITH held_by_user AS (
                       WHERE x.job_id = t.id AND x.lease_expires_at <= now()
                         AND x.slot NOT IN (SELECT slot FROM lapsed))
 ), pairs AS (
-    -- Reserved jobs first, then the line; never more than $1 in all.
+    -- Reserved jobs first, then the line; never more than wanted in all.
     SELECT id, slot FROM (
         SELECT id, slot, 0 AS reserved_first, 0::bigint AS rn FROM reserved
         UNION ALL
         SELECT taken.id, free.slot, 1, taken.rn FROM taken JOIN free USING (rn)
     ) p
     ORDER BY reserved_first, rn
-    LIMIT $1
+    LIMIT (SELECT n FROM wanted)
 ), claimed AS (
     UPDATE generation_jobs j
     SET status = 'processing',
         attempts = j.attempts + 1,
         started_at = now(),
-        lease_expires_at = now() + make_interval(secs => $2),
+        lease_expires_at = now() + make_interval(secs => $18),
         updated_at = now()
     FROM pairs
     -- The array lets even a plan made while the table was nearly empty (a fresh database)
@@ -118,17 +132,17 @@ WITH held_by_user AS (
     -- The completed jobs' slots no claimed job took.
     UPDATE job_slots s
     SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
-    WHERE s.job_id = ANY ($5) AND s.slot NOT IN (SELECT slot FROM claimed)
+    WHERE s.job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[]) AND s.slot NOT IN (SELECT slot FROM claimed)
     RETURNING s.slot
 ), left_waiting AS (
     -- Whether a due job is still waiting once these are claimed (for a slot, or for its user's
     -- allowance), reserved or not, locked by someone else or not. While none is and no job has
     -- come since, the embedded queue's completer writes completions alone instead of asking
     -- for a claim that would find nothing.
-    -- At most $1 of the first $1 + 1 in line were claimed. Taken in line order, as in `head`,
+    -- At most n of the first n + 1 in line were claimed. Taken in line order, as in `head`,
     -- so that even a generic plan walks the index of the line rather than the table.
     SELECT EXISTS (SELECT 1 FROM unnest(ARRAY(SELECT id FROM waiting_jobs
-                                              ORDER BY fair_key, created_at, id LIMIT $1 + 1)) w (id)
+                                              ORDER BY fair_key, created_at, id LIMIT (SELECT n FROM wanted) + 1)) w (id)
                    WHERE w.id <> ALL (ARRAY(SELECT id FROM claimed)))
         OR EXISTS (SELECT 1 FROM job_slots s JOIN generation_jobs q ON q.id = s.job_id
                    WHERE s.job_id IS NOT NULL AND s.lease_expires_at > now()
@@ -136,4 +150,5 @@ WITH held_by_user AS (
                      AND q.id <> ALL (ARRAY(SELECT id FROM claimed))) AS more
 )
 -- One row even when nothing was claimed, to carry the flag.
-SELECT c.*, l.more AS left_waiting FROM left_waiting l LEFT JOIN claimed c ON true
+SELECT c.*, l.more AS left_waiting, (SELECT ids FROM handed_jobs) AS applied
+FROM left_waiting l LEFT JOIN claimed c ON true

@@ -326,41 +326,53 @@ pub async fn claim_line(
     limits: impl Into<Limits>,
 ) -> Result<LineClaim, JobsError> {
     let limits = limits.into();
-    let stmt = db.prepare_cached(include_str!("claim_batch.sql")).await?;
-    let params = LineParams::new(limit, lease, limits, &[]);
-    let params = params.refs();
+    let stmt = db.prepare_cached(CLAIM_BATCH).await?;
+    let nothing = CompletionColumns::of(&[], "");
+    let params = LineParams::new(&[], limit, lease, limits);
+    let params = params.refs(&nothing);
     let rows = retrying(|| db.query(&stmt, &params)).await?;
     line_from_rows(&rows, limits)
 }
 
-/// claim_batch.sql's parameters.
+/// The completions with the claim that hands their slots on, as one statement.
+const CLAIM_BATCH: &str = concat!(
+    include_str!("completions.sql"),
+    include_str!("claim_batch.sql")
+);
+
+/// claim_batch.sql's own parameters, after completions.sql's.
 struct LineParams<'a> {
-    limit: i64,
+    takes: &'a [bool],
+    extra: i64,
     lease_secs: f64,
     slots: i32,
     per_user: i64,
-    handed: &'a [Uuid],
 }
 
 impl<'a> LineParams<'a> {
-    fn new(limit: i64, lease: Duration, limits: Limits, handed: &'a [Uuid]) -> Self {
+    fn new(takes: &'a [bool], extra: i64, lease: Duration, limits: Limits) -> Self {
         LineParams {
-            limit,
+            takes,
+            extra,
             lease_secs: lease.as_secs_f64(),
             slots: limits.slots as i32,
             per_user: limits.per_user as i64,
-            handed,
         }
     }
 
-    fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
-        [
-            &self.limit,
+    fn refs<'s>(
+        &'s self,
+        completions: &'s CompletionColumns<'_>,
+    ) -> Vec<&'s (dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut refs = completions.refs();
+        refs.extend([
+            &self.takes as &(dyn tokio_postgres::types::ToSql + Sync),
+            &self.extra,
             &self.lease_secs,
             &self.slots,
             &self.per_user,
-            &self.handed,
-        ]
+        ]);
+        refs
     }
 }
 
@@ -521,171 +533,133 @@ pub async fn complete_many(
     jobs: &[&Completion],
     model: &str,
 ) -> Result<std::collections::HashSet<Uuid>, JobsError> {
-    complete_batch(db, jobs, model, false).await
-}
-
-/// Frees the slots these jobs hold.
-async fn free_slots(db: &impl GenericClient, jobs: &[Uuid]) -> Result<(), JobsError> {
-    let stmt = db.prepare_cached(include_str!("free_slots.sql")).await?;
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&jobs];
-    retrying(|| db.execute(&stmt, params)).await?;
-    Ok(())
-}
-
-/// The embedded completer's round as one transaction in two round trips instead of six: its
-/// BEGIN goes out with the completions ([`Round::begin_completing`]), its COMMIT with the claim
-/// that hands their slots on ([`Round::claim_and_commit`]). Every round trip is a wake-up of
-/// this process and of a Postgres backend on the same few cores, and the round is the drain's
-/// critical path.
-///
-/// Dropped before it ends (an error, or its task cancelled), it sends ROLLBACK, so its
-/// connection goes back to the pool idle and nothing of the round is written.
-pub struct Round<'a> {
-    /// A pooled connection, not a transaction: the round is its own.
-    db: &'a deadpool_postgres::Client,
-    open: bool,
-}
-
-/// How a round's claim and commit ended.
-#[derive(Debug)]
-pub enum RoundEnd {
-    /// Committed, with the jobs it claimed.
-    Committed(LineClaim),
-    /// Rolled back whole, the completions with it: they must be written again. (Only a lost
-    /// connection leaves it unknown; a completion written twice is refused by its fence, and
-    /// slots a committed round kept are free again once their lease runs out.)
-    Undone(JobsError),
-    /// Committed, but what it claimed could not be read: those jobs run again once their lease
-    /// runs out.
-    Unread(JobsError),
-}
-
-impl<'a> Round<'a> {
-    /// Begins the round and completes `jobs` in it, keeping their slots held for the claim:
-    /// whether each completion applied. On an error nothing is written.
-    pub async fn begin_completing(
-        db: &'a deadpool_postgres::Client,
-        jobs: &[&Completion],
-        model: &str,
-    ) -> Result<(Self, std::collections::HashSet<Uuid>), JobsError> {
-        let round = Round { db, open: true };
-        // `join` polls in order, so BEGIN is sent first even when the completion statement has
-        // still to be prepared.
-        let (began, applied) = futures::future::join(
-            db.batch_execute("BEGIN"),
-            complete_batch(db, jobs, model, true),
-        )
-        .await;
-        began?;
-        Ok((round, applied?))
-    }
-
-    /// [`claim_line`] for the completed jobs' slots, with the COMMIT sent right behind it.
-    /// Whatever it returns, the round is over. When the claim fails, Postgres answers the
-    /// COMMIT by rolling back, so the completions are undone as well.
-    pub async fn claim_and_commit(
-        mut self,
-        limit: i64,
-        lease: Duration,
-        limits: impl Into<Limits>,
-        handed: &[Uuid],
-    ) -> RoundEnd {
-        let limits = limits.into();
-        // Prepared first: a statement still to be prepared would go out after the COMMIT.
-        let stmt = match self
-            .db
-            .prepare_cached(include_str!("claim_batch.sql"))
-            .await
-        {
-            Ok(stmt) => stmt,
-            // `self` is dropped: ROLLBACK.
-            Err(e) => return RoundEnd::Undone(e.into()),
-        };
-        let params = LineParams::new(limit, lease, limits, handed);
-        // No deadlock retry: a second try would run after the COMMIT, outside the round.
-        let (rows, committed) = futures::future::join(
-            self.db.query(&stmt, &params.refs()),
-            self.db.batch_execute("COMMIT"),
-        )
-        .await;
-        self.open = false;
-        match (rows, committed) {
-            (Ok(rows), Ok(())) => match line_from_rows(&rows, limits) {
-                Ok(line) => RoundEnd::Committed(line),
-                Err(e) => RoundEnd::Unread(e),
-            },
-            (Err(e), _) | (Ok(_), Err(e)) => RoundEnd::Undone(e.into()),
-        }
-    }
-
-    /// Frees the completed jobs' slots and commits, claiming nothing.
-    pub async fn free_and_commit(mut self, handed: &[Uuid]) -> Result<(), JobsError> {
-        free_slots(self.db, handed).await?;
-        self.open = false;
-        self.db.batch_execute("COMMIT").await?;
-        Ok(())
-    }
-}
-
-impl Drop for Round<'_> {
-    fn drop(&mut self) {
-        if self.open {
-            // A request is sent on its future's first poll; its answer is not needed.
-            let _ = futures::FutureExt::now_or_never(self.db.batch_execute("ROLLBACK"));
-        }
-    }
-}
-
-async fn complete_batch(
-    db: &impl GenericClient,
-    jobs: &[&Completion],
-    model: &str,
-    keep_slots: bool,
-) -> Result<std::collections::HashSet<Uuid>, JobsError> {
     let stmt = db
-        .prepare_cached(include_str!("complete_batch.sql"))
+        .prepare_cached(concat!(
+            include_str!("completions.sql"),
+            include_str!("complete_batch.sql")
+        ))
         .await?;
-    let ids: Vec<Uuid> = jobs.iter().map(|j| j.job_id).collect();
-    let attempts: Vec<i32> = jobs.iter().map(|j| j.attempt).collect();
-    let credits: Vec<i32> = jobs.iter().map(|j| j.credits).collect();
-    // Each job's media in order, with the job they belong to and their ordinal.
-    let media_job: Vec<Uuid> = jobs
-        .iter()
-        .flat_map(|j| j.media.iter().map(|_| j.job_id))
-        .collect();
-    let ordinals: Vec<i16> = jobs
-        .iter()
-        .flat_map(|j| (0..j.media.len()).map(|o| o as i16))
-        .collect();
-    let m = MediaColumns::of(jobs.iter().flat_map(|j| j.media.iter()));
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
-        &ids,
-        &attempts,
-        &credits,
-        &media_job,
-        &m.ids,
-        &ordinals,
-        &m.media_types,
-        &m.mime_types,
-        &m.storages,
-        &m.keys,
-        &m.urls,
-        &m.widths,
-        &m.heights,
-        &m.sizes,
-        &model,
-        &keep_slots,
-    ];
-    // Kept slots mean a transaction, where a deadlock victim's retry would only meet the
-    // aborted transaction.
-    let rows = if keep_slots {
-        db.query(&stmt, params).await?
-    } else {
-        retrying(|| db.query(&stmt, params)).await?
-    };
+    let columns = CompletionColumns::of(jobs, model);
+    let params = columns.refs();
+    let rows = retrying(|| db.query(&stmt, &params)).await?;
     rows.iter()
         .map(|r| r.try_get::<_, Uuid>(0).map_err(JobsError::from))
         .collect()
+}
+
+/// completions.sql's parameters.
+struct CompletionColumns<'a> {
+    ids: Vec<Uuid>,
+    attempts: Vec<i32>,
+    credits: Vec<i32>,
+    /// Each job's media in order, with the job they belong to and their ordinal.
+    media_job: Vec<Uuid>,
+    ordinals: Vec<i16>,
+    media: MediaColumns<'a>,
+    model: &'a str,
+}
+
+impl<'a> CompletionColumns<'a> {
+    fn of(jobs: &[&'a Completion], model: &'a str) -> Self {
+        CompletionColumns {
+            ids: jobs.iter().map(|j| j.job_id).collect(),
+            attempts: jobs.iter().map(|j| j.attempt).collect(),
+            credits: jobs.iter().map(|j| j.credits).collect(),
+            media_job: jobs
+                .iter()
+                .flat_map(|j| j.media.iter().map(|_| j.job_id))
+                .collect(),
+            ordinals: jobs
+                .iter()
+                .flat_map(|j| (0..j.media.len()).map(|o| o as i16))
+                .collect(),
+            media: MediaColumns::of(jobs.iter().flat_map(|j| j.media.iter())),
+            model,
+        }
+    }
+
+    fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        let m = &self.media;
+        vec![
+            &self.ids,
+            &self.attempts,
+            &self.credits,
+            &self.media_job,
+            &m.ids,
+            &self.ordinals,
+            &m.media_types,
+            &m.mime_types,
+            &m.storages,
+            &m.keys,
+            &m.urls,
+            &m.widths,
+            &m.heights,
+            &m.sizes,
+            &self.model,
+        ]
+    }
+}
+
+/// How the embedded completer's round ended.
+#[derive(Debug)]
+pub enum RoundEnd {
+    /// Committed: the jobs whose completion applied, and the jobs claimed for their slots.
+    Committed {
+        applied: std::collections::HashSet<Uuid>,
+        line: LineClaim,
+    },
+    /// Nothing was written: the completions must be written again. (Only a lost connection
+    /// leaves it unknown; a completion written twice is refused by its fence, and slots a
+    /// committed round kept are free again once their lease runs out.)
+    Undone(JobsError),
+    /// Committed, but what it claimed could not be read: those jobs run again once their lease
+    /// runs out. `applied` is empty when even that could not be read.
+    Unread {
+        applied: std::collections::HashSet<Uuid>,
+        error: JobsError,
+    },
+}
+
+/// The embedded completer's round in one statement, one round trip and one commit: `jobs`'
+/// completions, and claims for the slots they free, one for each completed job whose `takes`
+/// (beside it in `jobs`) is true. A completed job's slot goes straight to the next job: one
+/// slot write per job instead of a release and a take. The round is the drain's critical
+/// path, and every round trip is a wake-up of this process and of a Postgres backend on the
+/// same few cores: this was a transaction of six round trips, then of two.
+pub async fn complete_and_claim(
+    db: &impl GenericClient,
+    jobs: &[&Completion],
+    takes: &[bool],
+    model: &str,
+    lease: Duration,
+    limits: impl Into<Limits>,
+) -> RoundEnd {
+    let limits = limits.into();
+    let stmt = match db.prepare_cached(CLAIM_BATCH).await {
+        Ok(stmt) => stmt,
+        Err(e) => return RoundEnd::Undone(e.into()),
+    };
+    let columns = CompletionColumns::of(jobs, model);
+    let params = LineParams::new(takes, 0, lease, limits);
+    let params = params.refs(&columns);
+    let rows = match retrying(|| db.query(&stmt, &params)).await {
+        Ok(rows) => rows,
+        Err(e) => return RoundEnd::Undone(e.into()),
+    };
+    let applied = match rows.first().map(|r| r.try_get::<_, Vec<Uuid>>("applied")) {
+        Some(Ok(applied)) => applied.into_iter().collect(),
+        None => Default::default(),
+        Some(Err(e)) => {
+            return RoundEnd::Unread {
+                applied: Default::default(),
+                error: e.into(),
+            }
+        }
+    };
+    match line_from_rows(&rows, limits) {
+        Ok(line) => RoundEnd::Committed { applied, line },
+        Err(error) => RoundEnd::Unread { applied, error },
+    }
 }
 
 /// Fails the job for good, keeping the attempt's error.

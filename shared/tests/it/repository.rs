@@ -506,17 +506,15 @@ struct FinishedTwo {
 }
 
 impl FinishedTwo {
-    /// Begins the round on `conn` with both completions, which apply: the jobs handed on.
-    async fn begin<'c>(
+    /// The round of both completions, whose workers take another job as `takes` says.
+    async fn round(
         &self,
-        conn: &'c deadpool_postgres::Client,
-    ) -> (shared::jobs::Round<'c>, Vec<Uuid>) {
+        conn: &deadpool_postgres::Client,
+        takes: [bool; 2],
+        lease: Duration,
+    ) -> shared::jobs::RoundEnd {
         let done: Vec<_> = self.done.iter().collect();
-        let (round, applied) = shared::jobs::Round::begin_completing(conn, &done, "m")
-            .await
-            .unwrap();
-        assert_eq!(applied.len(), 2);
-        (round, applied.into_iter().collect())
+        shared::jobs::complete_and_claim(conn, &done, &takes, "m", lease, TWO_EACH).await
     }
 }
 
@@ -541,20 +539,20 @@ async fn a_completer_round_commits_its_completions_and_hands_their_slots_to_the_
     let (t, third) = (&f.t, f.third);
     let conn = t.db.pool.get().await.unwrap();
 
-    let (round, handed) = f.begin(&conn).await;
-    let shared::jobs::RoundEnd::Committed(line) = round
-        .claim_and_commit(2, Duration::from_secs(60), TWO_EACH, &handed)
-        .await
+    let shared::jobs::RoundEnd::Committed { applied, line } =
+        f.round(&conn, [true, true], Duration::from_secs(60)).await
     else {
         panic!("the round did not commit")
     };
 
+    assert_eq!(applied, f.ids[..2].iter().copied().collect());
     // The two finished jobs no longer count against Alice, so her third starts, in the first
     // of their slots (not in the free slot 1), and the other is freed.
     assert_eq!(
         line.jobs.iter().map(|c| c.job.id).collect::<Vec<_>>(),
         [third]
     );
+    assert!(!line.left_waiting);
     let [one, two, three] = <[_; 3]>::try_from(states(t, &f.ids).await).unwrap();
     assert_eq!(one, ("completed".to_owned(), None));
     assert_eq!(two, ("completed".to_owned(), None));
@@ -578,14 +576,34 @@ async fn a_completer_round_commits_its_completions_and_hands_their_slots_to_the_
 }
 
 #[tokio::test]
+async fn a_completer_round_claims_only_for_the_workers_that_take_another_job() {
+    let f = finished_two().await;
+    let conn = f.t.db.pool.get().await.unwrap();
+
+    let shared::jobs::RoundEnd::Committed { applied, line } = f
+        .round(&conn, [false, false], Duration::from_secs(60))
+        .await
+    else {
+        panic!("the round did not commit")
+    };
+
+    assert_eq!(applied.len(), 2);
+    assert!(line.jobs.is_empty());
+    assert!(line.left_waiting, "Alice's third still waits");
+    let [one, two, three] = <[_; 3]>::try_from(states(&f.t, &f.ids).await).unwrap();
+    assert_eq!(one, ("completed".to_owned(), None));
+    assert_eq!(two, ("completed".to_owned(), None));
+    assert_eq!(three, ("queued".to_owned(), None), "both slots were freed");
+}
+
+#[tokio::test]
 async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_connection_idle() {
     let f = finished_two().await;
     let conn = f.t.db.pool.get().await.unwrap();
 
-    let (round, handed) = f.begin(&conn).await;
     // A lease no timestamp can hold: the claim fails on the job it takes.
-    let claimed = round
-        .claim_and_commit(1, Duration::from_secs(u64::MAX), TWO_EACH, &handed)
+    let claimed = f
+        .round(&conn, [true, false], Duration::from_secs(u64::MAX))
         .await;
 
     assert!(matches!(claimed, shared::jobs::RoundEnd::Undone(_)));
@@ -599,18 +617,6 @@ async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_conne
         .await
         .unwrap();
     assert_eq!(again.len(), 2, "the completions can be written again");
-}
-
-#[tokio::test]
-async fn a_completer_round_dropped_before_its_claim_rolls_back() {
-    let f = finished_two().await;
-    let conn = f.t.db.pool.get().await.unwrap();
-
-    let (round, _) = f.begin(&conn).await;
-    drop(round);
-
-    assert!(idle(&conn).await, "the dropped round sent its ROLLBACK");
-    assert_eq!(states(&f.t, &f.ids).await, f.before);
 }
 
 /// Every index scan in a JSON plan: (index name, its index condition and filter).
@@ -666,9 +672,12 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     conn.batch_execute(&format!(
         "SET plan_cache_mode = force_generic_plan; \
          PREPARE by_id (uuid, float8, int4, int8) AS {}; \
-         PREPARE batch (int8, float8, int4, int8, uuid[]) AS {}; \
+         PREPARE batch (uuid[], int4[], int4[], uuid[], uuid[], int2[], text[], text[], text[], \
+                        text[], text[], int4[], int4[], int8[], text, bool[], int8, float8, int4, int8) \
+             AS {}{}; \
          PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
         include_str!("../../src/jobs/claim_by_id.sql"),
+        include_str!("../../src/jobs/completions.sql"),
         include_str!("../../src/jobs/claim_batch.sql"),
         include_str!("../../src/jobs/insert.sql"),
     ))
@@ -679,7 +688,8 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
                    'moodboard', '00000000-0000-0000-0000-000000000002', '{}', 3, 3, 60, 3, 60, 100, 60)";
     for execute in [
         "EXECUTE by_id ('00000000-0000-0000-0000-000000000000', 60, 3, 3)",
-        "EXECUTE batch (3, 60, 3, 3, '{}')",
+        "EXECUTE batch ('{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', \
+                        '{}', '{}', 'm', '{}', 3, 60, 3, 3)",
         enqueue,
     ] {
         let row = conn
