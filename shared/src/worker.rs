@@ -519,7 +519,8 @@ impl Completer {
                             };
                             let _ = finished.reply.send(Ok((done, next)));
                         }
-                        // claim_next returns no more than asked for, one per taker.
+                        // A round claims no more jobs than it has applied completions that
+                        // take another: one per taker.
                         debug_assert!(claimed.next().is_none());
                     }
                     // One job's trouble must not hold back the others: each is written alone,
@@ -527,7 +528,8 @@ impl Completer {
                     // its lease expires, and runs again.
                     Err(e) => {
                         tracing::warn!(jobs = batch.len(), error = %chain(&e), "a completion batch failed; writing its jobs one by one");
-                        // Jobs it claimed went back to the line: the claimer takes them.
+                        // The slots of completions written alone are freed: the claimer
+                        // takes them.
                         if let crate::queue::Dispatcher::Embedded { local } = &app.queue {
                             local.bell.ring();
                         }

@@ -16,7 +16,10 @@
 -- commit, on a row no one waits on in turn.)
 -- Every CTE reads the one snapshot taken before the completions: the completed jobs are still
 -- `processing` there and their slots still name them, which is what the claim below expects of
--- slots it is handed.
+-- slots it is handed. That snapshot is taken before the completions wait for their job rows'
+-- locks, where a claim sent after them took its own after that wait: the embedded queue's
+-- claims are serialised by its process, but a direct enqueue or another process's claim
+-- committed during that wait is not seen by the unlocked counts (a user's held slots).
 -- `(status = 'queued') IS TRUE` where a job is found by id: the plain form lets the planner
 -- serve the lookup from a partial index of queued jobs that happens to hold `id`, and with
 -- statistics taken while few jobs were queued it does, scanning that whole index for one id

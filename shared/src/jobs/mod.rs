@@ -609,8 +609,9 @@ pub enum RoundEnd {
         line: LineClaim,
     },
     /// Nothing was written: the completions must be written again. (Only a lost connection
-    /// leaves it unknown; a completion written twice is refused by its fence, and slots a
-    /// committed round kept are free again once their lease runs out.)
+    /// leaves it unknown. If the round did commit, a completion written again is refused by
+    /// its fence and reported as not applied, and the jobs it claimed run again once their
+    /// lease runs out.)
     Undone(JobsError),
     /// Committed, but what it claimed could not be read: those jobs run again once their lease
     /// runs out. `applied` is empty when even that could not be read.
@@ -634,6 +635,8 @@ pub async fn complete_and_claim(
     lease: Duration,
     limits: impl Into<Limits>,
 ) -> RoundEnd {
+    // One flag per completion: `unnest` would pad a short list with NULLs, read as false.
+    debug_assert_eq!(jobs.len(), takes.len());
     let limits = limits.into();
     let stmt = match db.prepare_cached(CLAIM_BATCH).await {
         Ok(stmt) => stmt,

@@ -597,14 +597,57 @@ async fn a_completer_round_claims_only_for_the_workers_that_take_another_job() {
 }
 
 #[tokio::test]
+async fn a_completer_round_claims_nothing_for_a_completion_that_did_not_apply() {
+    let mut f = finished_two().await;
+    let conn = f.t.db.pool.get().await.unwrap();
+    // The second job's completion comes from an attempt that is no longer current.
+    f.done[1].attempt += 1;
+    // Bob waits as well, so a claim for that completion would find a job to take.
+    let bob = Uuid::now_v7();
+    f.t.insert_job(bob, &user("bob", None), "bob's").await;
+    conn.execute(
+        "UPDATE job_slots SET job_id = NULL, user_id = NULL, lease_expires_at = NULL \
+         WHERE job_id = $1",
+        &[&bob],
+    )
+    .await
+    .unwrap();
+
+    let shared::jobs::RoundEnd::Committed { applied, line } =
+        f.round(&conn, [true, true], Duration::from_secs(60)).await
+    else {
+        panic!("the round did not commit")
+    };
+
+    assert_eq!(applied, [f.ids[0]].into_iter().collect());
+    assert_eq!(
+        line.jobs.len(),
+        1,
+        "one job for the one completion that applied"
+    );
+    assert!(line.left_waiting);
+    let second = &states(&f.t, &f.ids).await[1];
+    assert_eq!(
+        second,
+        &("processing".to_owned(), Some(3)),
+        "the current attempt keeps its job and slot"
+    );
+}
+
+#[tokio::test]
 async fn a_completer_round_whose_claim_fails_writes_nothing_and_leaves_its_connection_idle() {
     let f = finished_two().await;
     let conn = f.t.db.pool.get().await.unwrap();
 
-    // A lease no timestamp can hold: the claim fails on the job it takes.
-    let claimed = f
-        .round(&conn, [true, false], Duration::from_secs(u64::MAX))
-        .await;
+    // Alice's third was created "later" than it can be started: the statement fails on the
+    // CHECK of times in order, and only once its claim reaches that job, after the completions.
+    conn.execute(
+        "UPDATE generation_jobs SET created_at = now() + interval '1 hour' WHERE id = $1",
+        &[&f.third],
+    )
+    .await
+    .unwrap();
+    let claimed = f.round(&conn, [true, false], Duration::from_secs(60)).await;
 
     assert!(matches!(claimed, shared::jobs::RoundEnd::Undone(_)));
     assert_eq!(
@@ -713,10 +756,13 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
             "{execute} walks a queued-jobs index for one job or one user: {misused:?}"
         );
         if execute != enqueue {
+            // Not counting the completions' lookup of their own jobs ($1), which the batch
+            // statement begins with.
             assert!(
                 scans
                     .iter()
-                    .any(|(index, _)| index == "generation_jobs_pkey"),
+                    .any(|(index, cond)| index == "generation_jobs_pkey"
+                        && !cond.contains("ANY ($1)")),
                 "{execute} finds its jobs by primary key: {scans:?}"
             );
         }
