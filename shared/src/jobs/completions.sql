@@ -22,9 +22,9 @@ WITH input AS (
                                  storage, storage_key, public_url, width, height, size_bytes)
     SELECT m.id, job.id, job.user_id, job.tenant_id, m.ordinal, m.media_type, m.mime_type,
            m.storage, m.storage_key, m.public_url, m.width, m.height, m.size_bytes
-    FROM unnest($4::uuid[], $5::uuid[], $6::int2[], $7::text[], $8::text[], $9::text[],
+    FROM unnest($4::uuid[], $5::int2[], $6::uuid[], $7::text[], $8::text[], $9::text[],
                 $10::text[], $11::text[], $12::int4[], $13::int4[], $14::int8[])
-             AS m(job_id, id, ordinal, media_type, mime_type, storage, storage_key, public_url,
+             AS m(job_id, ordinal, id, media_type, mime_type, storage, storage_key, public_url,
                   width, height, size_bytes)
          JOIN job ON job.id = m.job_id
     RETURNING id, job_id, ordinal

@@ -466,23 +466,16 @@ pub async fn complete(
 ) -> Result<Settled, JobsError> {
     let stmt = db.prepare_cached(include_str!("complete.sql")).await?;
     let m = MediaColumns::of(media.iter());
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
-        &claim.job.id,
-        &claim.attempt(),
-        &m.ids,
-        &m.media_types,
-        &m.mime_types,
-        &m.storages,
-        &m.keys,
-        &m.urls,
-        &m.widths,
-        &m.heights,
-        &m.sizes,
-        &model,
+    let attempt = claim.attempt();
+    let per_user = claim.limits.per_user as i64;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&claim.job.id, &attempt];
+    params.extend(m.refs());
+    params.extend([
+        &model as &(dyn tokio_postgres::types::ToSql + Sync),
         &credits,
-        &(claim.limits.per_user as i64),
-    ];
-    let row = retrying(|| db.query_opt(&stmt, params)).await?;
+        &per_user,
+    ]);
+    let row = retrying(|| db.query_opt(&stmt, &params)).await?;
     settled(row)
 }
 
@@ -512,6 +505,21 @@ impl<'a> MediaColumns<'a> {
             heights: media.clone().map(|m| m.height).collect(),
             sizes: media.map(|m| m.size_bytes).collect(),
         }
+    }
+
+    /// The columns as statement parameters, in the order the statements take them.
+    fn refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.ids,
+            &self.media_types,
+            &self.mime_types,
+            &self.storages,
+            &self.keys,
+            &self.urls,
+            &self.widths,
+            &self.heights,
+            &self.sizes,
+        ]
     }
 }
 
@@ -579,24 +587,16 @@ impl<'a> CompletionColumns<'a> {
     }
 
     fn refs(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-        let m = &self.media;
-        vec![
+        let mut refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &self.ids,
             &self.attempts,
             &self.credits,
             &self.media_job,
-            &m.ids,
             &self.ordinals,
-            &m.media_types,
-            &m.mime_types,
-            &m.storages,
-            &m.keys,
-            &m.urls,
-            &m.widths,
-            &m.heights,
-            &m.sizes,
-            &self.model,
-        ]
+        ];
+        refs.extend(self.media.refs());
+        refs.push(&self.model);
+        refs
     }
 }
 

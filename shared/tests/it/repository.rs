@@ -715,7 +715,7 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     conn.batch_execute(&format!(
         "SET plan_cache_mode = force_generic_plan; \
          PREPARE by_id (uuid, float8, int4, int8) AS {}; \
-         PREPARE batch (uuid[], int4[], int4[], uuid[], uuid[], int2[], text[], text[], text[], \
+         PREPARE batch (uuid[], int4[], int4[], uuid[], int2[], uuid[], text[], text[], text[], \
                         text[], text[], int4[], int4[], int8[], text, bool[], int8, float8, int4, int8) \
              AS {}{}; \
          PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
