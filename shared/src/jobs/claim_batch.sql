@@ -16,10 +16,9 @@
 -- commit, on a row no one waits on in turn.)
 -- Every CTE reads the one snapshot taken before the completions: the completed jobs are still
 -- `processing` there and their slots still name them, which is what the claim below expects of
--- slots it is handed. That snapshot is taken before the completions wait for their job rows'
--- locks, where a claim sent after them took its own after that wait: the embedded queue's
--- claims are serialised by its process, but a direct enqueue or another process's claim
--- committed during that wait is not seen by the unlocked counts (a user's held slots).
+-- slots it is handed. What another statement commits after that snapshot is caught where it
+-- matters: a job or slot it took fails the re-check of the row lock, and a user's held slots
+-- are counted in a later snapshot, under that user's lock (`held_by_user`).
 -- `(status = 'queued') IS TRUE` where a job is found by id: the plain form lets the planner
 -- serve the lookup from a partial index of queued jobs that happens to hold `id`, and with
 -- statistics taken while few jobs were queued it does, scanning that whole index for one id
@@ -31,10 +30,6 @@
     SELECT count(*) + $17 AS n
     FROM done JOIN unnest($1::uuid[], $16::bool[]) AS t(id, takes) USING (id)
     WHERE t.takes
-), held_by_user AS (
-    SELECT user_id, count(*) AS held FROM job_slots
-    WHERE job_id IS NOT NULL AND lease_expires_at > now() AND job_id <> ALL ((SELECT ids FROM handed_jobs)::uuid[])
-    GROUP BY user_id
 ), handed AS (
     -- Read only when there are any. `slot + 0`: a generic plan would otherwise walk the slot
     -- key through all of the first $19 slots, which costs more than reading the table.
@@ -70,6 +65,15 @@
           -- even in a generic plan, which cannot know the LIMIT and would scan the table.
           WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT 4 * (SELECT n FROM wanted) + 16))
             AND (q.status = 'queued') IS TRUE) w
+), held_by_user AS (
+    -- The slots the users in that look already hold, not counting the ones handed on here:
+    -- counted after taking their locks, in a snapshot of their own (user_slots_held_locked), so
+    -- that no other statement gives them a slot unseen. Only where the allowance can bind: with
+    -- an allowance of all the slots, the slots themselves are the limit (and no user is
+    -- named, so nothing is locked or counted).
+    SELECT h.user_id, h.held
+    FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 THEN ARRAY(SELECT DISTINCT user_id FROM head) ELSE '{}' END,
+                                (SELECT ids FROM handed_jobs)::uuid[]) h
 ), next AS (
     SELECT h.id FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
     WHERE h.turn <= $20 - coalesce(u.held, 0)

@@ -38,6 +38,13 @@ WITH target AS (
     SELECT 1 FROM target t
     WHERE (SELECT n FROM ahead) < (SELECT n FROM free_slots)
       AND t.user_id NOT IN (SELECT user_id FROM at_limit)
+      -- The snapshot's count can miss a slot another statement gave this user since: where
+      -- the allowance can bind, it is counted again under the user's lock (V13). In a CASE,
+      -- so that no plan calls it otherwise.
+      AND NOT (CASE WHEN $4::int8 < $3
+                    THEN EXISTS (SELECT 1 FROM user_slots_held_locked(ARRAY[t.user_id], '{}') h
+                                 WHERE h.held >= $4)
+                    ELSE false END)
 ), free AS (
     SELECT slot FROM job_slots
     WHERE slot <= $3 AND (job_id IS NULL OR lease_expires_at <= now())

@@ -49,6 +49,14 @@ WITH recent AS (
       AND $2 NOT IN (SELECT user_id FROM at_limit)
       AND NOT EXISTS (SELECT 1 FROM waiting_jobs w
                       WHERE w.user_id NOT IN (SELECT user_id FROM at_limit) AND job_slots.slot IS NOT NULL)
+      -- The snapshot's count can miss a slot another statement gave this user since: where
+      -- the allowance can bind, it is counted again under the user's lock (V13), and only
+      -- once a slot is free. In a CASE, so that no plan calls it otherwise (as a join, even
+      -- an anti-join whose filter is false runs the function first).
+      AND NOT (CASE WHEN $10::int8 < $8
+                    THEN EXISTS (SELECT 1 FROM user_slots_held_locked(ARRAY[$2]::text[], '{}') h
+                                 WHERE h.held >= $10 AND job_slots.slot IS NOT NULL)
+                    ELSE false END)
     ORDER BY slot
     LIMIT 1
     FOR UPDATE SKIP LOCKED

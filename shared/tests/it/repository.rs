@@ -907,3 +907,222 @@ async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_j
     t.insert_job(Uuid::now_v7(), &user("bob", None), "x").await;
     assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(1), 1));
 }
+
+/// A per-user allowance of one, among five slots.
+const ONE_OF_FIVE: shared::jobs::Limits = shared::jobs::Limits {
+    slots: 5,
+    per_user: 1,
+};
+
+/// An enqueue as the Lambda makes it (a slot reserved for a `direct` answer, no start).
+async fn enqueue(
+    db: &impl deadpool_postgres::GenericClient,
+    owner: &shared::model::Identity,
+    limits: shared::jobs::Limits,
+) -> shared::jobs::Admitted {
+    let params = serde_json::json!({ "prompt": "p" });
+    shared::jobs::insert(
+        db,
+        &shared::jobs::NewJob {
+            id: Uuid::now_v7(),
+            owner,
+            job_type: shared::model::JobType::CharacterImage,
+            entity_id: Uuid::new_v4(),
+            params: &params,
+            max_attempts: 3,
+            limits,
+            quota: shared::jobs::Quota::UNLIMITED,
+            start: None,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Runs `racing` while `holder` has given Alice a slot in a transaction not yet committed:
+/// once `racing` waits for a lock (or has already finished without waiting), the transaction
+/// commits. Returns what `racing` returned.
+async fn race_an_uncommitted_slot<T: Send + 'static>(
+    t: &TestApp,
+    holder: &deadpool_postgres::Object,
+    racing: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let watcher = t.db.pool.get().await.unwrap();
+    let racing = tokio::spawn(racing);
+    let racing = async move { racing.await.unwrap() };
+    tokio::pin!(racing);
+    // Bounded only so that a broken build fails instead of hanging.
+    for _ in 0..500 {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::select! {
+            done = &mut racing => {
+                holder.batch_execute("COMMIT").await.unwrap();
+                return done;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    racing.await
+}
+
+async fn slots_held_by(t: &TestApp, user_id: &str) -> i64 {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.query_one(
+        "SELECT count(*) FROM job_slots WHERE user_id = $1 AND lease_expires_at > now()",
+        &[&user_id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Alice's first job, given a slot by a direct enqueue whose transaction is still open.
+async fn alice_direct_uncommitted(t: &TestApp) -> deadpool_postgres::Object {
+    let holder = t.db.pool.get().await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let first = enqueue(&holder, &user("alice", None), ONE_OF_FIVE).await;
+    assert!(first.direct, "the first job gets a slot");
+    holder
+}
+
+/// Alice's next job, queued (as a plain insert: no admission ran for it).
+async fn alice_queued(t: &TestApp) -> Uuid {
+    let id = Uuid::now_v7();
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+         VALUES ($1, 'alice', 'moodboard', gen_random_uuid())",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn two_enqueues_at_once_never_give_one_user_more_slots_than_allowed() {
+    let t = TestApp::embedded().await;
+    let holder = alice_direct_uncommitted(&t).await;
+    let pool = t.db.pool.clone();
+    let second = race_an_uncommitted_slot(&t, &holder, async move {
+        let conn = pool.get().await.unwrap();
+        enqueue(&conn, &user("alice", None), ONE_OF_FIVE).await
+    })
+    .await;
+    assert!(!second.direct, "Alice already holds her one slot");
+    assert_eq!(slots_held_by(&t, "alice").await, 1);
+}
+
+#[tokio::test]
+async fn a_batch_claim_beside_a_direct_enqueue_keeps_the_users_allowance() {
+    let t = TestApp::embedded().await;
+    let holder = alice_direct_uncommitted(&t).await;
+    let waiting = alice_queued(&t).await;
+    let pool = t.db.pool.clone();
+    let claimed = race_an_uncommitted_slot(&t, &holder, async move {
+        let conn = pool.get().await.unwrap();
+        shared::jobs::claim_line(&conn, 5, Duration::from_secs(60), ONE_OF_FIVE)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(claimed.jobs.is_empty(), "Alice already holds her one slot");
+    assert!(claimed.left_waiting, "her next job waits for her allowance");
+    assert_eq!(t.status_of(waiting).await, "queued");
+    assert_eq!(slots_held_by(&t, "alice").await, 1);
+}
+
+#[tokio::test]
+async fn a_claim_by_id_beside_a_direct_enqueue_keeps_the_users_allowance() {
+    let t = TestApp::embedded().await;
+    let holder = alice_direct_uncommitted(&t).await;
+    let waiting = alice_queued(&t).await;
+    let pool = t.db.pool.clone();
+    let claimed = race_an_uncommitted_slot(&t, &holder, async move {
+        let conn = pool.get().await.unwrap();
+        shared::jobs::claim_by_id(&conn, waiting, Duration::from_secs(60), ONE_OF_FIVE)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(
+        matches!(claimed, ClaimResult::NoSlot),
+        "Alice already holds her one slot: {claimed:?}"
+    );
+    assert_eq!(slots_held_by(&t, "alice").await, 1);
+}
+
+#[tokio::test]
+async fn only_an_allowance_below_the_slot_count_takes_a_users_lock() {
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    let locks_held = || async {
+        let held: i64 = conn
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        conn.batch_execute("ROLLBACK").await.unwrap();
+        held
+    };
+    let lease = Duration::from_secs(60);
+    let cases = || {
+        ["auto", "force_generic_plan"]
+            .into_iter()
+            .flat_map(|plans| {
+                [
+                    (plans, ONE_OF_FIVE, 1),
+                    (plans, shared::jobs::Limits::from(5), 0),
+                ]
+            })
+    };
+    // Each statement that may give a user a slot, in a transaction rolled back once its locks
+    // are counted.
+    for (plans, limits, locks) in cases() {
+        conn.batch_execute(&format!("SET plan_cache_mode = {plans}; BEGIN"))
+            .await
+            .unwrap();
+        assert!(enqueue(&conn, &user("alice", None), limits).await.direct);
+        assert_eq!(locks_held().await, locks, "enqueue, {plans}, {limits:?}");
+    }
+    let waiting = alice_queued(&t).await;
+    for (plans, limits, locks) in cases() {
+        conn.batch_execute(&format!("SET plan_cache_mode = {plans}; BEGIN"))
+            .await
+            .unwrap();
+        let line = shared::jobs::claim_line(&conn, 1, lease, limits)
+            .await
+            .unwrap();
+        assert_eq!(line.jobs.len(), 1);
+        assert_eq!(
+            locks_held().await,
+            locks,
+            "batch claim, {plans}, {limits:?}"
+        );
+
+        conn.batch_execute("BEGIN").await.unwrap();
+        let one = shared::jobs::claim_by_id(&conn, waiting, lease, limits)
+            .await
+            .unwrap();
+        assert!(matches!(one, ClaimResult::Claimed(_)), "{one:?}");
+        assert_eq!(
+            locks_held().await,
+            locks,
+            "claim by id, {plans}, {limits:?}"
+        );
+    }
+}
