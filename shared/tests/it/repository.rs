@@ -1126,3 +1126,23 @@ async fn only_an_allowance_below_the_slot_count_takes_a_users_lock() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_batch_claim_looks_past_a_user_held_back_by_their_allowance() {
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    // Twenty of Alice's jobs, then Bob's: with an allowance of one, only her first may start.
+    conn.batch_execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         SELECT gen_random_uuid(), CASE WHEN g <= 20 THEN 'alice' ELSE 'bob' END, 'moodboard', \
+                gen_random_uuid(), g \
+         FROM generate_series(1, 21) g",
+    )
+    .await
+    .unwrap();
+    let line = shared::jobs::claim_line(&conn, 2, Duration::from_secs(60), ONE_OF_FIVE)
+        .await
+        .unwrap();
+    let users: Vec<&str> = line.jobs.iter().map(|c| c.job.user_id.as_str()).collect();
+    assert_eq!(users, ["alice", "bob"]);
+}
