@@ -97,10 +97,12 @@ SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
             WHEN (SELECT fair_key FROM job) - (SELECT fair_key FROM head)
                  < (SELECT fair_key FROM tail) - (SELECT fair_key FROM job)
             THEN (SELECT count(*) FROM generation_jobs q
-                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job))
+                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)
+                    AND q.fair_key >= (SELECT fair_key FROM head))
             ELSE (SELECT sum(queued) FROM queue_tally)::int8
                  - (SELECT count(*) FROM generation_jobs q
-                    WHERE q.status = 'queued' AND q.fair_key > (SELECT fair_key FROM job)) END AS queued_ahead,
+                    WHERE q.status = 'queued' AND q.fair_key > (SELECT fair_key FROM job)
+                      AND q.fair_key <= (SELECT fair_key FROM tail)) END AS queued_ahead,
        (SELECT n FROM recent) AS recent_jobs,
        (SELECT oldest FROM recent) AS recent_oldest
 FROM (SELECT 1) one LEFT JOIN job j ON true
