@@ -9,11 +9,11 @@
 -- The completed jobs' slots go straight to the next jobs, one write each instead of a release
 -- and a take, and whatever is not given away is freed here. Their jobs count against no user's
 -- allowance. Every row it will change is locked up front with SKIP LOCKED, so a claim never
--- waits on another statement (and so never takes part in a deadlock): a job or slot someone
--- else holds is simply left for the next claim. (The exceptions: the completions, locked in id
--- order as completions.sql says, and a completed job's slot it frees unused, which another
--- claimer can hold only if its job's lease ran out; that is a short wait for that claim's
--- commit, on a row no one waits on in turn.)
+-- waits for a row another statement holds: a job or slot someone else holds is simply left for
+-- the next claim. (The exception: the completions, locked in id order as completions.sql says,
+-- before anything else.) Where an allowance can bind it waits for its users' locks
+-- (`held_by_user`), which it takes after the completions' rows, and after it has a free slot;
+-- holding them, it waits for no row, and nor does any other statement that takes them.
 -- Every CTE reads the one snapshot taken before the completions: the completed jobs are still
 -- `processing` there and their slots still name them, which is what the claim below expects of
 -- slots it is handed. What another statement commits after that snapshot is caught where it
@@ -30,13 +30,15 @@
     SELECT count(*) + $17 AS n
     FROM done JOIN unnest($1::uuid[], $16::bool[]) AS t(id, takes) USING (id)
     WHERE t.takes
-), handed AS (
-    -- Read only when there are any. `slot + 0`: a generic plan would otherwise walk the slot
-    -- key through all of the first $19 slots, which costs more than reading the table.
+), handed_all AS (
+    -- The completed jobs' slots, read only when there are any, and locked without waiting: one
+    -- that another claimer holds is one whose lease ran out, which it is giving to another job.
+    -- Waiting for it could close a cycle through a user's lock (`held_by_user`).
     SELECT slot FROM job_slots
     WHERE cardinality((SELECT ids FROM handed_jobs)) > 0 AND job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
-      AND slot + 0 <= $19
     FOR UPDATE SKIP LOCKED
+), handed AS (
+    SELECT slot FROM handed_all WHERE slot <= $19
 ), open AS (
     -- In slot order, so the primary key is walked only as far as `wanted` free slots.
     SELECT slot FROM job_slots
@@ -65,8 +67,9 @@
 ), head AS (
     -- A bounded look at the front of the line, ranked within each user. Not locked here: see
     -- `taken`. Where an allowance can hold users back ($20 < $19) it looks four times as far
-    -- as it wants jobs; otherwise every job in it can be taken, bar those another claimer
-    -- holds, and a margin is enough (each job looked at is a lookup by key).
+    -- as it wants jobs; otherwise every job in it can be taken, bar the few another claimer
+    -- holds or has claimed since the snapshot (or whose lapsed reservation another statement
+    -- holds), and a margin is enough (each job looked at is a lookup by key).
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
@@ -78,10 +81,11 @@
     -- The slots the users in that look already hold, not counting the ones handed on here:
     -- counted after taking their locks, in a snapshot of their own (user_slots_held_locked), so
     -- that no other statement gives them a slot unseen. Only where the allowance can bind: with
-    -- an allowance of all the slots, the slots themselves are the limit (and no user is
-    -- named, so nothing is locked or counted).
+    -- an allowance of all the slots, the slots themselves are the limit, and without a free
+    -- slot nothing can be claimed: then no user is named, and nothing is locked or counted.
     SELECT h.user_id, h.held
-    FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 THEN ARRAY(SELECT DISTINCT user_id FROM head) ELSE '{}' END,
+    FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 AND EXISTS (SELECT 1 FROM free)
+                                     THEN ARRAY(SELECT DISTINCT user_id FROM head) ELSE '{}' END,
                                 (SELECT ids FROM handed_jobs)::uuid[]) h
 ), next AS (
     SELECT h.id FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
@@ -145,10 +149,11 @@
       AND s.slot NOT IN (SELECT slot FROM claimed)
     RETURNING s.slot
 ), unhanded AS (
-    -- The completed jobs' slots no claimed job took.
+    -- The completed jobs' slots (those locked above) no claimed job took.
     UPDATE job_slots s
     SET job_id = NULL, user_id = NULL, lease_expires_at = NULL
-    WHERE s.job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[]) AND s.slot NOT IN (SELECT slot FROM claimed)
+    WHERE s.slot IN (SELECT slot FROM handed_all) AND s.job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
+      AND s.slot NOT IN (SELECT slot FROM claimed)
     RETURNING s.slot
 ), left_waiting AS (
     -- Whether a due job is still waiting once these are claimed (for a slot, or for its user's

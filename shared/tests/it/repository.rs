@@ -1019,7 +1019,8 @@ async fn race_an_uncommitted_slot<T: Send + 'static>(
     for _ in 0..500 {
         let waiting: i64 = watcher
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 &[],
             )
             .await
@@ -1211,4 +1212,84 @@ async fn a_batch_claim_looks_past_a_user_held_back_by_their_allowance() {
     let mut users: Vec<&str> = line.jobs.iter().map(|c| c.job.user_id.as_str()).collect();
     users.sort();
     assert_eq!(users, ["alice", "bob"]);
+}
+
+#[tokio::test]
+async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_holds() {
+    let t = TestApp::embedded().await;
+    let job = Uuid::now_v7();
+    t.insert_job(job, &user("alice", None), "x").await;
+    let running = claim(&t, job).await;
+    let conn = t.db.pool.get().await.unwrap();
+    // The job ran past its slot's lease: another claimer may take that slot as free, and
+    // holds it until it commits. Waiting for it, with users' locks held, could close a cycle.
+    conn.execute(
+        "UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id = $1",
+        &[&job],
+    )
+    .await
+    .unwrap();
+    let other = t.db.pool.get().await.unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{job}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let completion = shared::jobs::Completion {
+        job_id: job,
+        attempt: running.attempt(),
+        media: vec![image("done")],
+        credits: 1,
+    };
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let round = tokio::spawn({
+        let pool = t.db.pool.clone();
+        async move {
+            let conn = pool.get().await.unwrap();
+            let pid: i32 = conn
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            pid_tx.send(pid).unwrap();
+            shared::jobs::complete_and_claim(
+                &conn,
+                &[&completion],
+                &[true],
+                "m",
+                Duration::from_secs(60),
+                ONE_OF_FIVE,
+            )
+            .await
+        }
+    });
+    let pid = pid_rx.await.unwrap();
+    // Bounded only so that a broken build fails instead of hanging.
+    for _ in 0..500 {
+        if round.is_finished() {
+            break;
+        }
+        let waits: Option<String> = conn
+            .query_one(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(
+            waits.as_deref(),
+            Some("Lock"),
+            "the round waits for the slot another claimer holds"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = round.await.unwrap();
+    other.batch_execute("ROLLBACK").await.unwrap();
+    match end {
+        shared::jobs::RoundEnd::Committed { applied, .. } => assert!(applied.contains(&job)),
+        _ => panic!("the round did not commit"),
+    }
+    assert_eq!(t.status_of(job).await, "completed");
 }
