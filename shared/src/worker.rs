@@ -472,8 +472,8 @@ const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 impl Completer {
     /// Starts the completer's task; it ends once every handle is dropped. `claiming` is held
     /// by whoever claims jobs for the embedded queue, so that claims never run concurrently:
-    /// two at once would each count a user's slots without the other's and could exceed
-    /// MAX_ACTIVE_PER_USER.
+    /// two at once would skip each other's locked rows, and a later job could start before an
+    /// earlier one. (MAX_ACTIVE_PER_USER holds either way: migration V13.)
     pub fn start(app: &App, claiming: Arc<tokio::sync::Mutex<()>>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
         let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
