@@ -6,10 +6,10 @@
 -- what another commits after its snapshot was taken, so these statements now call this
 -- function where the allowance can bind (a limit below the number of slots): it takes a
 -- transaction-scoped lock per user, in one fixed order so that two callers never wait for each
--- other's user locks in a cycle (and the statements wait for no row while they hold them), and
--- only then counts, in a snapshot of its own (a VOLATILE function's query
--- takes a new one), the slots those users hold, less the slots of `handing_on` jobs (whose
--- slots the calling statement hands to other jobs). A statement that gave one of these users a
+-- other's user locks in a cycle (and, holding them, they wait for no job or slot row), and only
+-- then counts, in a snapshot of its own (a VOLATILE function's query takes a new one), the
+-- slots those users hold, less the slots of `handing_on` jobs (whose slots the calling
+-- statement hands to other jobs). A statement that gave one of these users a
 -- slot has committed before its lock is released, so the count sees it; one that has not yet
 -- taken the lock waits for this statement's commit and then sees this one's.
 CREATE FUNCTION user_slots_held_locked(users text[], handing_on uuid[])

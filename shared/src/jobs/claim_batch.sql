@@ -13,7 +13,8 @@
 -- the next claim. (The exception: the completions, locked in id order as completions.sql says,
 -- before anything else.) Where an allowance can bind it waits for its users' locks
 -- (`held_by_user`), which it takes after the completions' rows, and after it has a free slot;
--- holding them, it waits for no row, and nor does any other statement that takes them.
+-- holding them, it waits for no job or slot row, and nor does any other statement that takes
+-- them.
 -- Every CTE reads the one snapshot taken before the completions: the completed jobs are still
 -- `processing` there and their slots still name them, which is what the claim below expects of
 -- slots it is handed. What another statement commits after that snapshot is caught where it
