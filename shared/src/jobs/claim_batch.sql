@@ -82,10 +82,12 @@
     -- The slots the users in that look already hold, not counting the ones handed on here:
     -- counted after taking their locks, in a snapshot of their own (user_slots_held_locked), so
     -- that no other statement gives them a slot unseen. Only where the allowance can bind: with
-    -- an allowance of all the slots, the slots themselves are the limit, and without a free
-    -- slot nothing can be claimed: then no user is named, and nothing is locked or counted.
+    -- an allowance of all the slots, the slots themselves are the limit, and without a job
+    -- wanted and a free slot nothing can be claimed: then no user is named, and nothing is
+    -- locked or counted.
     SELECT h.user_id, h.held
-    FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 AND EXISTS (SELECT 1 FROM free)
+    FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 AND (SELECT n FROM wanted) > 0
+                                          AND EXISTS (SELECT 1 FROM free)
                                      THEN ARRAY(SELECT DISTINCT user_id FROM head) ELSE '{}' END,
                                 (SELECT ids FROM handed_jobs)::uuid[]) h
 ), next AS (

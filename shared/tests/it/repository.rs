@@ -1003,16 +1003,20 @@ async fn enqueue(
     .unwrap()
 }
 
-/// Runs `racing` while `holder` has given Alice a slot in a transaction not yet committed:
-/// once `racing` waits for a lock (or has already finished without waiting), the transaction
-/// commits. Returns what `racing` returned.
-async fn race_an_uncommitted_slot<T: Send + 'static>(
+/// Runs `racing` on a connection of its own while `holder` has given Alice a slot in a
+/// transaction not yet committed: once `racing` waits for a lock (or has already finished
+/// without waiting), the transaction commits. Returns what `racing` returned.
+async fn race_an_uncommitted_slot<T, Racing>(
     t: &TestApp,
     holder: &deadpool_postgres::Object,
-    racing: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
+    racing: impl FnOnce(deadpool_postgres::Object) -> Racing,
+) -> T
+where
+    T: Send + 'static,
+    Racing: std::future::Future<Output = T> + Send + 'static,
+{
     let watcher = t.db.pool.get().await.unwrap();
-    let racing = tokio::spawn(racing);
+    let racing = tokio::spawn(racing(t.db.pool.get().await.unwrap()));
     let racing = async move { racing.await.unwrap() };
     tokio::pin!(racing);
     // Bounded only so that a broken build fails instead of hanging.
@@ -1079,9 +1083,7 @@ async fn alice_queued(t: &TestApp) -> Uuid {
 async fn two_enqueues_at_once_never_give_one_user_more_slots_than_allowed() {
     let t = TestApp::embedded().await;
     let holder = alice_direct_uncommitted(&t).await;
-    let pool = t.db.pool.clone();
-    let second = race_an_uncommitted_slot(&t, &holder, async move {
-        let conn = pool.get().await.unwrap();
+    let second = race_an_uncommitted_slot(&t, &holder, |conn| async move {
         enqueue(&conn, &user("alice", None), ONE_OF_FIVE).await
     })
     .await;
@@ -1094,9 +1096,7 @@ async fn a_batch_claim_beside_a_direct_enqueue_keeps_the_users_allowance() {
     let t = TestApp::embedded().await;
     let holder = alice_direct_uncommitted(&t).await;
     let waiting = alice_queued(&t).await;
-    let pool = t.db.pool.clone();
-    let claimed = race_an_uncommitted_slot(&t, &holder, async move {
-        let conn = pool.get().await.unwrap();
+    let claimed = race_an_uncommitted_slot(&t, &holder, |conn| async move {
         shared::jobs::claim_line(&conn, 5, Duration::from_secs(60), ONE_OF_FIVE)
             .await
             .unwrap()
@@ -1113,9 +1113,7 @@ async fn a_claim_by_id_beside_a_direct_enqueue_keeps_the_users_allowance() {
     let t = TestApp::embedded().await;
     let holder = alice_direct_uncommitted(&t).await;
     let waiting = alice_queued(&t).await;
-    let pool = t.db.pool.clone();
-    let claimed = race_an_uncommitted_slot(&t, &holder, async move {
-        let conn = pool.get().await.unwrap();
+    let claimed = race_an_uncommitted_slot(&t, &holder, |conn| async move {
         shared::jobs::claim_by_id(&conn, waiting, Duration::from_secs(60), ONE_OF_FIVE)
             .await
             .unwrap()
