@@ -825,7 +825,8 @@ async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateEr
 }
 
 /// The embedded queue: claims the oldest queued jobs straight from the table, at most
-/// `MAX_CONCURRENT_JOBS` at a time, until `shutdown` resolves.
+/// `MAX_CONCURRENT_JOBS` at a time, until `shutdown` resolves; then returns once the jobs
+/// running have finished (or a lease's time has passed).
 pub async fn run_embedded(
     mut app: App,
     local: Arc<crate::queue::LocalQueue>,
@@ -847,7 +848,8 @@ pub async fn run_embedded(
         }
     });
     local.open(slots.clone(), started_tx);
-    // Once this loop returns, workers finish the jobs they hold but take no new ones.
+    // However this function ends, enqueues stop handing it jobs and the completer stops
+    // claiming (dropped mid-way, the jobs already running are left to finish on their own).
     struct Stopping(Completer, Arc<crate::queue::LocalQueue>);
     impl Drop for Stopping {
         fn drop(&mut self) {
@@ -855,13 +857,13 @@ pub async fn run_embedded(
             self.0.stop();
         }
     }
-    let _stopping = Stopping(completer, local.clone());
+    let stopping = Stopping(completer, local.clone());
     tokio::pin!(shutdown);
     loop {
         // Wait for at least one free slot, then claim as many jobs as there are free slots.
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
         };
         // Jobs completed in one batch free their permits together: let them all land, so one
         // claim takes their slots at once.
@@ -895,7 +897,7 @@ pub async fn run_embedded(
             tokio::select! {
                 _ = bell.rung() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
             }
             continue;
         }
@@ -915,9 +917,28 @@ pub async fn run_embedded(
             tokio::select! {
                 _ = bell.rung() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
             }
         }
+    }
+    drop(stopping);
+    // The jobs already running finish and their completions are written before this returns:
+    // a job cut off mid-run stays processing until its lease runs out, and then runs again.
+    // Not longer than a lease, after which the rescuer may queue such a job again anyway.
+    // Every slot's permit back means no run, and no enqueue's hand-off, is left.
+    let all = app.config.max_concurrent_jobs;
+    let running = all as usize - slots.available_permits();
+    if running > 0 {
+        tracing::info!(running, "waiting for running jobs to finish");
+    }
+    if tokio::time::timeout(app.config.job_lease, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = all as usize - slots.available_permits(),
+            "stopped waiting for running jobs after a lease's time; they run again once their leases run out"
+        );
     }
 }
 
@@ -953,6 +974,17 @@ pub async fn poll_sqs_once(
     queue_url: &str,
     wait: Duration,
 ) -> Result<usize, aws_sdk_sqs::Error> {
+    let messages = receive_sqs(client, queue_url, wait).await?;
+    handle_received(app, client, queue_url, messages).await
+}
+
+/// Waits up to `wait` for a batch of up to 10 messages. Dropping this future loses nothing:
+/// a message is only hidden once received, and reappears when its visibility timeout ends.
+pub async fn receive_sqs(
+    client: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    wait: Duration,
+) -> Result<Vec<aws_sdk_sqs::types::Message>, aws_sdk_sqs::Error> {
     crate::queue::count_request();
     let received = client
         .receive_message()
@@ -962,7 +994,17 @@ pub async fn poll_sqs_once(
         .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
         .send()
         .await?;
-    let messages = received.messages.unwrap_or_default();
+    Ok(received.messages.unwrap_or_default())
+}
+
+/// Hands received messages to the worker's handler as an `SqsEvent` and deletes those it did
+/// not report as failed. Run to its end: dropped mid-way, it would cut jobs off mid-run.
+pub async fn handle_received(
+    app: &App,
+    client: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    messages: Vec<aws_sdk_sqs::types::Message>,
+) -> Result<usize, aws_sdk_sqs::Error> {
     if messages.is_empty() {
         return Ok(0);
     }

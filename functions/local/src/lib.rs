@@ -251,14 +251,24 @@ async fn run_worker(app: App, shutdown: watch::Receiver<bool>) {
             let stop = stopped(shutdown);
             tokio::pin!(stop);
             loop {
-                tokio::select! {
-                    polled = shared::worker::poll_sqs_once(&app, &client, &queue_url, Duration::from_secs(20)) => {
-                        if let Err(e) = polled {
-                            tracing::warn!(error = %chain(&e), "SQS receive failed; retrying shortly");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                        }
-                    }
+                // Only the wait for messages is cut short by a stop: a batch received is
+                // handled to its end, so no job is left half run.
+                let received = tokio::select! {
+                    received = shared::worker::receive_sqs(&client, &queue_url, Duration::from_secs(20)) => received,
                     _ = &mut stop => return,
+                };
+                let handled = match received {
+                    Ok(messages) => {
+                        shared::worker::handle_received(&app, &client, &queue_url, messages).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = handled {
+                    tracing::warn!(error = %chain(&e), "SQS receive or delete failed; retrying shortly");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = &mut stop => return,
+                    }
                 }
             }
         }

@@ -90,8 +90,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("  curl -s {base}/api/generate/status/<jobId> -H \"authorization: Bearer $TOKEN\"\n");
 
     tokio::signal::ctrl_c().await?;
-    println!("stopping");
-    running.stop().await;
+    println!("stopping: running jobs finish first (Ctrl-C again to stop at once)");
+    tokio::select! {
+        _ = running.stop() => {}
+        _ = tokio::signal::ctrl_c() => println!("stopped without waiting: jobs cut off run again once their leases run out"),
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ struct Runner {
     base: String,
     token: String,
     verifier: Arc<LocalVerifier>,
-    running: local::Running,
+    running: Option<local::Running>,
     db_name: String,
     media: std::path::PathBuf,
 }
@@ -20,6 +20,16 @@ async fn start_runner() -> Runner {
 }
 
 async fn start_runner_with(extra: &[(&str, &str)], poll_every: Duration) -> Runner {
+    start_runner_on(extra, poll_every, None).await
+}
+
+/// A runner whose worker takes its jobs from `queue` (an SQS API and a queue's URL) instead of
+/// the embedded queue.
+async fn start_runner_on(
+    extra: &[(&str, &str)],
+    poll_every: Duration,
+    queue: Option<(aws_sdk_sqs::Client, String)>,
+) -> Runner {
     let extra: std::collections::HashMap<String, String> = extra
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -43,7 +53,10 @@ async fn start_runner_with(extra: &[(&str, &str)], poll_every: Duration) -> Runn
     db::create_database_if_missing(&config.database_url)
         .await
         .unwrap();
-    let app = App::from_config(config).await.unwrap();
+    let mut app = App::from_config(config).await.unwrap();
+    if let Some((client, url)) = queue {
+        app.queue = shared::queue::Dispatcher::sqs(client, url);
+    }
     db::migrate(&app.pool).await.unwrap();
     let verifier = Arc::new(LocalVerifier::new(b"test-secret").unwrap());
     let token = local::demo_token(&verifier, "local-user", Some("local-tenant"));
@@ -52,15 +65,65 @@ async fn start_runner_with(extra: &[(&str, &str)], poll_every: Duration) -> Runn
         base: format!("http://127.0.0.1:{port}"),
         token,
         verifier,
-        running,
+        running: Some(running),
         db_name,
         media,
     }
 }
 
 impl Runner {
-    async fn stop(self) {
-        self.running.stop().await;
+    /// Stops the service as Ctrl-C does, keeping its database.
+    async fn stop_service(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+
+    async fn job_status(&self, id: &str) -> String {
+        let (client, conn) = tokio_postgres::connect(
+            &format!("postgres://postgres@127.0.0.1:5432/{}", self.db_name),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        client
+            .query_one(
+                "SELECT status::text FROM generation_jobs WHERE id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn post_character(&self) -> String {
+        let posted: Value = reqwest::Client::new()
+            .post(format!("{}/api/generate/character", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "characterId": Uuid::new_v4(), "prompt": "a knight" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        posted["jobId"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until the job runs (the bound only stops a broken run).
+    async fn until_processing(&self, id: &str) {
+        for _ in 0..200 {
+            if self.job_status(id).await == "processing" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("job {id} never started");
+    }
+
+    async fn stop(mut self) {
+        self.stop_service().await;
         let (client, conn) = tokio_postgres::connect(
             "postgres://postgres@127.0.0.1:5432/postgres",
             tokio_postgres::NoTls,
@@ -381,6 +444,76 @@ async fn an_animation_waits_on_modelslab_and_the_poller_completes_it_with_its_vi
     assert_eq!(
         &video.bytes().await.unwrap()[..],
         b"\x00\x00\x00\x18ftypmp42-a-short-video"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_service_lets_a_running_job_finish_and_write_its_completion() {
+    let mut r = start_runner_with(
+        &[("SIMULATOR_DURATION_MS", "1500")],
+        Duration::from_secs(60),
+    )
+    .await;
+    let job_id = r.post_character().await;
+    r.until_processing(&job_id).await;
+
+    r.stop_service().await;
+    // Cut off mid-run, it would stay processing until its lease ran out, then run again.
+    assert_eq!(r.job_status(&job_id).await, "completed");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_service_lets_a_job_received_from_sqs_finish_and_deletes_its_message() {
+    let endpoint = std::env::var("MOTO_ENDPOINT").expect(
+        "SQS tests need a local SQS API: run .ci/run, or start `moto_server -p 5000` and set MOTO_ENDPOINT=http://127.0.0.1:5000",
+    );
+    let client = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "tests",
+            ))
+            .endpoint_url(endpoint)
+            .build(),
+    );
+    let url = client
+        .create_queue()
+        .queue_name(format!("jobs-{}", Uuid::new_v4().simple()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut r = start_runner_on(
+        &[("SIMULATOR_DURATION_MS", "1500")],
+        Duration::from_secs(60),
+        Some((client.clone(), url.clone())),
+    )
+    .await;
+    let job_id = r.post_character().await;
+    // The worker has received its message once the job runs.
+    r.until_processing(&job_id).await;
+
+    r.stop_service().await;
+    assert_eq!(r.job_status(&job_id).await, "completed");
+    let attributes = client
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(
+            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        )
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap_or_default();
+    assert_eq!(
+        attributes[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible],
+        "0",
+        "the message was deleted, not left to come back"
     );
     r.stop().await;
 }
