@@ -1291,3 +1291,36 @@ async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_
     }
     assert_eq!(t.status_of(job).await, "completed");
 }
+
+#[tokio::test]
+async fn a_stalled_jobs_slot_counts_for_its_user_so_its_renewal_cannot_lift_them_over_the_allowance(
+) {
+    let t = TestApp::embedded().await;
+    let stalled = Uuid::now_v7();
+    t.insert_job(stalled, &user("alice", None), "x").await;
+    let running = claim(&t, stalled).await;
+    let conn = t.db.pool.get().await.unwrap();
+    // Its worker stalled past the lease; no one has taken the slot over or rescued the job.
+    conn.batch_execute(&format!(
+        "UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id = '{stalled}'; \
+         UPDATE generation_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = '{stalled}'"
+    ))
+    .await
+    .unwrap();
+
+    let next = enqueue(&conn, &user("alice", None), ONE_OF_FIVE).await;
+    assert!(
+        !next.direct,
+        "Alice's stalled job may still run: her allowance of one is used"
+    );
+    let line = shared::jobs::claim_line(&conn, 4, Duration::from_secs(60), ONE_OF_FIVE)
+        .await
+        .unwrap();
+    assert!(line.jobs.is_empty(), "nor does a claim start her next job");
+
+    let renewed = shared::jobs::heartbeat(&conn, &running, 50, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(renewed, "the stalled worker wakes and renews its lease");
+    assert_eq!(slots_held_by(&t, "alice").await, 1);
+}
