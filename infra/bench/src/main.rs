@@ -309,6 +309,51 @@ async fn enqueue_via_handler(app: &App) -> Uuid {
     body["jobId"].as_str().unwrap().parse().unwrap()
 }
 
+/// The enqueue handler's statement (`shared/src/jobs/insert.sql`, as built) run by pgbench with
+/// what the handler binds for the bench's fixture: its user, tenant and params, the bench app's
+/// limits, and no local worker standing ready (as in the enqueue phase). The ids are made in
+/// the statement, as pgbench has no uuids.
+fn enqueue_statement_alone(b: &Bench, clients: u32, secs: u64) -> f64 {
+    // Without its comments: pgbench would bind a parameter a comment names, and Postgres could
+    // not tell its type.
+    let sql: String = include_str!("../../../shared/src/jobs/insert.sql")
+        .lines()
+        .map(|line| line.split("--").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("$13", "NULL")
+        .replace("$1,", "gen_random_uuid(),")
+        .replace("$5,", "gen_random_uuid(),");
+    // Highest first, so that `$1` does not rewrite the start of `$12`.
+    let sql = (2..=12).rev().fold(sql, |sql, n| {
+        sql.replace(&format!("${n}"), &format!(":p{n}"))
+    });
+    assert!(!sql.contains('$'), "every parameter is bound");
+    let path = std::env::temp_dir().join(format!("mj-bench-insert-{}.sql", std::process::id()));
+    std::fs::write(&path, format!("{sql};\n")).unwrap();
+    let c = &b.app.config;
+    let request: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+    let claims = &request["requestContext"]["authorizer"]["jwt"]["claims"];
+    let params: serde_json::Value =
+        serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
+    let defines = [
+        format!("p2={}", claims["sub"].as_str().unwrap()),
+        format!("p3={}", claims["tenant_id"].as_str().unwrap()),
+        "p4=character-image".to_owned(),
+        format!("p6={params}"),
+        format!("p7={}", c.job_max_attempts),
+        format!("p8={}", c.max_concurrent_jobs),
+        format!("p9={}", shared::jobs::RESERVATION.as_secs()),
+        format!("p10={}", c.max_active_per_user),
+        format!("p11={}", c.quota.per_minute),
+        format!("p12={}", c.quota.max_queued),
+    ];
+    let name = b.url.rsplit('/').next().unwrap();
+    let rate = pgbench(path.to_str().unwrap(), clients, secs, name, &defines);
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
 /// Starts the embedded queue's workers; send on the returned channel to stop them.
 fn start_workers(
     app: &App,
@@ -395,8 +440,14 @@ where
 }
 
 /// pgbench: transactions per second of one job's minimum work, at `clients`.
-fn pgbench(script: &str, clients: u32, secs: u64, database: &str) -> f64 {
+/// Runs a pgbench script: one of `pglimit/`, or a path; `defines` are its `-D` variables.
+fn pgbench(script: &str, clients: u32, secs: u64, database: &str, defines: &[String]) -> f64 {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pglimit");
+    let path = if script.contains('/') {
+        script.to_owned()
+    } else {
+        format!("{dir}/{script}")
+    };
     let out = Command::new("pgbench")
         .args([
             "-h",
@@ -415,9 +466,10 @@ fn pgbench(script: &str, clients: u32, secs: u64, database: &str) -> f64 {
             "-j",
             &clients.to_string(),
             "-f",
-            &format!("{dir}/{script}"),
+            &path,
             database,
         ])
+        .args(defines.iter().flat_map(|d| ["-D", d.as_str()]))
         .output()
         .expect("pgbench (Debian: postgresql-client)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -461,7 +513,7 @@ fn limits(secs: u64) -> Limits {
     psql(&db, include_str!("../pglimit/schema.sql"));
     let mut rows = Vec::new();
     let mut get = |script: &str, clients: u32| {
-        let tps = pgbench(script, clients, secs, &db);
+        let tps = pgbench(script, clients, secs, &db, &[]);
         rows.push(format!(
             "| pgbench `{script}`, {clients} clients | {tps:.0} jobs/s | (limit) |"
         ));
@@ -582,6 +634,25 @@ async fn main() {
             ms(lat.p(0.5)),
             ms(lat.p(0.99)),
             ratio(rate, limit, &format!("INSERT @{producers}"))
+        ));
+        b.drop_database().await;
+    }
+
+    // ---- the enqueue's statement alone, through pgbench ----
+    // Between a bare INSERT and the handler: what admission costs in Postgres, and what the
+    // handler adds to it.
+    for clients in [1u32, 10].into_iter().filter(|_| phase("enqueue")) {
+        eprintln!("enqueue statement via pgbench, {clients} clients...");
+        let b = bench_app(&format!("enqsql{clients}"), 5).await;
+        let rate = enqueue_statement_alone(&b, clients, secs);
+        let limit = if clients == 1 {
+            limits.enq1
+        } else {
+            limits.enq10
+        };
+        table.push(format!(
+            "| enqueue statement alone (`insert.sql` through pgbench, the handler's job and limits), {clients} clients | {rate:.0} jobs/s | {} |",
+            ratio(rate, limit, &format!("INSERT @{clients}"))
         ));
         b.drop_database().await;
     }
@@ -740,24 +811,8 @@ async fn main() {
         let done = b.completed().await - done_before;
         let after = b.work().await;
         let _ = stop_tx.send(());
+        // Returns once the jobs still running have written their completions.
         runner.await.unwrap();
-        // Let the jobs still running write their completions before the database goes.
-        let conn = b.app.pool.get().await.unwrap();
-        for _ in 0..200 {
-            let running: i64 = conn
-                .query_one(
-                    "SELECT count(*) FROM generation_jobs WHERE status = 'processing'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if running == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drop(conn);
         let rate = done as f64 / elapsed.as_secs_f64();
         table.push(format!(
         "| end to end, 10 producers + 20 workers: completed (enqueued {enq_rate:.0}/s) | {rate:.0} jobs/s | {} |",
