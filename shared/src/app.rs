@@ -25,6 +25,9 @@ pub struct App {
     /// The embedded queue's batching completer, while its workers run; `None` elsewhere (an
     /// SQS worker completes each job with its own statement).
     pub completions: Option<crate::worker::Completer>,
+    /// Set when a local service stops: its workers finish the jobs they hold, but a job's slot
+    /// goes to the next in line by a message, not by running that job in this process.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl App {
@@ -72,6 +75,7 @@ impl App {
             store,
             metrics: Metrics::from_env(),
             completions: None,
+            stopping: Default::default(),
         }
     }
 }

@@ -188,7 +188,9 @@ pub fn invocation_deadline(epoch_ms: u64) -> std::time::Instant {
 async fn run_chain(app: &App, mut next: uuid::Uuid, deadline: Option<std::time::Instant>) {
     loop {
         let time_left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-        if time_left.is_some_and(|left| left < app.config.worker_chain_min) {
+        if time_left.is_some_and(|left| left < app.config.worker_chain_min)
+            || app.stopping.load(std::sync::atomic::Ordering::Relaxed)
+        {
             nudge(app, jobs::Settled::Applied { next: Some(next) }).await;
             return;
         }
@@ -924,7 +926,7 @@ pub async fn run_embedded(
     drop(stopping);
     // The jobs already running finish and their completions are written before this returns:
     // a job cut off mid-run stays processing until its lease runs out, and then runs again.
-    // Not longer than a lease, after which the rescuer may queue such a job again anyway.
+    // The wait is capped at a lease's length, so that a hung job cannot hold the stop forever.
     // Every slot's permit back means no run, and no enqueue's hand-off, is left.
     let all = app.config.max_concurrent_jobs;
     let running = all as usize - slots.available_permits();
@@ -978,8 +980,9 @@ pub async fn poll_sqs_once(
     handle_received(app, client, queue_url, messages).await
 }
 
-/// Waits up to `wait` for a batch of up to 10 messages. Dropping this future loses nothing:
-/// a message is only hidden once received, and reappears when its visibility timeout ends.
+/// Waits up to `wait` for a batch of up to 10 messages. Dropping this future loses no message:
+/// one SQS has already handed over stays hidden until its visibility timeout ends, then comes
+/// back.
 pub async fn receive_sqs(
     client: &aws_sdk_sqs::Client,
     queue_url: &str,

@@ -259,7 +259,24 @@ async fn run_worker(app: App, shutdown: watch::Receiver<bool>) {
                 };
                 let handled = match received {
                     Ok(messages) => {
-                        shared::worker::handle_received(&app, &client, &queue_url, messages).await
+                        let handling =
+                            shared::worker::handle_received(&app, &client, &queue_url, messages);
+                        tokio::pin!(handling);
+                        tokio::select! {
+                            handled = &mut handling => handled,
+                            _ = &mut stop => {
+                                // The batch's jobs finish, but none starts after them: the
+                                // next in line gets a message instead. Capped at a lease's
+                                // length, so that a hung job cannot hold the stop forever.
+                                app.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                                match tokio::time::timeout(app.config.job_lease, handling).await {
+                                    Ok(Err(e)) => tracing::warn!(error = %chain(&e), "deleting the last batch's messages failed; they come back"),
+                                    Ok(Ok(_)) => {}
+                                    Err(_) => tracing::warn!("stopped waiting for running jobs after a lease's time; they run again once their leases run out"),
+                                }
+                                return;
+                            }
+                        }
                     }
                     Err(e) => Err(e),
                 };

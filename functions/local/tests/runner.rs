@@ -71,6 +71,17 @@ async fn start_runner_on(
     }
 }
 
+async fn connect(database: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("postgres://postgres@127.0.0.1:5432/{database}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
 impl Runner {
     /// Stops the service as Ctrl-C does, keeping its database.
     async fn stop_service(&mut self) {
@@ -80,14 +91,8 @@ impl Runner {
     }
 
     async fn job_status(&self, id: &str) -> String {
-        let (client, conn) = tokio_postgres::connect(
-            &format!("postgres://postgres@127.0.0.1:5432/{}", self.db_name),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        client
+        connect(&self.db_name)
+            .await
             .query_one(
                 "SELECT status::text FROM generation_jobs WHERE id = $1::text::uuid",
                 &[&id],
@@ -97,11 +102,13 @@ impl Runner {
             .get(0)
     }
 
-    async fn post_character(&self) -> String {
+    /// Starts a job of `kind` (`character`, `moodboard`, `animation`) as the runner's user:
+    /// its id.
+    async fn post_job(&self, kind: &str, body: Value) -> String {
         let posted: Value = reqwest::Client::new()
-            .post(format!("{}/api/generate/character", self.base))
+            .post(format!("{}/api/generate/{kind}", self.base))
             .bearer_auth(&self.token)
-            .json(&serde_json::json!({ "characterId": Uuid::new_v4(), "prompt": "a knight" }))
+            .json(&body)
             .send()
             .await
             .unwrap()
@@ -109,6 +116,22 @@ impl Runner {
             .await
             .unwrap();
         posted["jobId"].as_str().unwrap().to_owned()
+    }
+
+    async fn post_character(&self) -> String {
+        self.post_job(
+            "character",
+            serde_json::json!({ "characterId": Uuid::new_v4(), "prompt": "a knight" }),
+        )
+        .await
+    }
+
+    /// Stops the service, which must not wait out a lease (five minutes) for a slot never given
+    /// back: the bound is far above the jobs' run time.
+    async fn stop_within_a_bound(&mut self) {
+        tokio::time::timeout(Duration::from_secs(60), self.stop_service())
+            .await
+            .expect("the stop waited for its running job, not for a lease");
     }
 
     /// Waits until the job runs (the bound only stops a broken run).
@@ -124,14 +147,8 @@ impl Runner {
 
     async fn stop(mut self) {
         self.stop_service().await;
-        let (client, conn) = tokio_postgres::connect(
-            "postgres://postgres@127.0.0.1:5432/postgres",
-            tokio_postgres::NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        client
+        connect("postgres")
+            .await
             .execute(
                 &format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db_name),
                 &[],
@@ -226,17 +243,12 @@ async fn the_runner_refuses_missing_forged_and_expired_tokens_and_hides_other_us
         assert_eq!(answer.status(), 401, "token {bad}");
     }
 
-    let posted: Value = http
-        .post(format!("{}/api/generate/moodboard", r.base))
-        .bearer_auth(&r.token)
-        .json(&serde_json::json!({ "moodboardId": "2c3d4e5f-6071-4829-8b3c-4d5e6f7a8b9c" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_id = posted["jobId"].as_str().unwrap();
+    let job_id = &r
+        .post_job(
+            "moodboard",
+            serde_json::json!({ "moodboardId": "2c3d4e5f-6071-4829-8b3c-4d5e6f7a8b9c" }),
+        )
+        .await;
     let other = local::demo_token(&r.verifier, "someone-else", Some("local-tenant"));
     let theirs = http
         .get(status_url(job_id))
@@ -375,40 +387,19 @@ async fn an_animation_waits_on_modelslab_and_the_poller_completes_it_with_its_vi
     let http = reqwest::Client::new();
 
     // A character image first: it becomes the animation's source.
-    let character: Value = http
-        .post(format!("{}/api/generate/character", r.base))
-        .bearer_auth(&r.token)
-        .json(&serde_json::json!({ "characterId": Uuid::new_v4(), "prompt": "a knight" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let character = r.post_character().await;
     let mut seen = Vec::new();
-    let image = wait_for(
-        &http,
-        &r,
-        character["jobId"].as_str().unwrap(),
-        &["completed", "failed"],
-        &mut seen,
-    )
-    .await;
+    let image = wait_for(&http, &r, &character, &["completed", "failed"], &mut seen).await;
     assert_eq!(image["status"], "completed", "{image}");
 
-    let animation: Value = http
-        .post(format!("{}/api/generate/animation", r.base))
-        .bearer_auth(&r.token)
-        .json(&serde_json::json!({
-            "moodboardId": Uuid::new_v4(), "sourceImageId": image["result"]["id"], "prompt": "he waves"
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let job_id = animation["jobId"].as_str().unwrap().to_owned();
+    let job_id = r
+        .post_job(
+            "animation",
+            serde_json::json!({
+                "moodboardId": Uuid::new_v4(), "sourceImageId": image["result"]["id"], "prompt": "he waves"
+            }),
+        )
+        .await;
     let mut seen = Vec::new();
     let waiting = wait_for(&http, &r, &job_id, &["processing"], &mut seen).await;
     assert!(waiting["progress"].as_i64().unwrap() < 100);
@@ -458,14 +449,15 @@ async fn stopping_the_service_lets_a_running_job_finish_and_write_its_completion
     let job_id = r.post_character().await;
     r.until_processing(&job_id).await;
 
-    r.stop_service().await;
+    r.stop_within_a_bound().await;
     // Cut off mid-run, it would stay processing until its lease ran out, then run again.
     assert_eq!(r.job_status(&job_id).await, "completed");
     r.stop().await;
 }
 
 #[tokio::test]
-async fn stopping_the_service_lets_a_job_received_from_sqs_finish_and_deletes_its_message() {
+async fn stopping_the_service_lets_a_job_received_from_sqs_finish_deletes_its_message_and_starts_no_more(
+) {
     let endpoint = std::env::var("MOTO_ENDPOINT").expect(
         "SQS tests need a local SQS API: run .ci/run, or start `moto_server -p 5000` and set MOTO_ENDPOINT=http://127.0.0.1:5000",
     );
@@ -488,7 +480,10 @@ async fn stopping_the_service_lets_a_job_received_from_sqs_finish_and_deletes_it
         .queue_url
         .unwrap();
     let mut r = start_runner_on(
-        &[("SIMULATOR_DURATION_MS", "1500")],
+        &[
+            ("SIMULATOR_DURATION_MS", "1500"),
+            ("MAX_CONCURRENT_JOBS", "1"),
+        ],
         Duration::from_secs(60),
         Some((client.clone(), url.clone())),
     )
@@ -496,9 +491,17 @@ async fn stopping_the_service_lets_a_job_received_from_sqs_finish_and_deletes_it
     let job_id = r.post_character().await;
     // The worker has received its message once the job runs.
     r.until_processing(&job_id).await;
+    // Two more wait for the one slot: the worker whose job frees it would run them next.
+    let (second, third) = (r.post_character().await, r.post_character().await);
 
-    r.stop_service().await;
+    r.stop_within_a_bound().await;
     assert_eq!(r.job_status(&job_id).await, "completed");
+    assert_eq!(
+        r.job_status(&second).await,
+        "queued",
+        "no job starts once stopping"
+    );
+    assert_eq!(r.job_status(&third).await, "queued");
     let attributes = client
         .get_queue_attributes()
         .queue_url(&url)
@@ -515,5 +518,22 @@ async fn stopping_the_service_lets_a_job_received_from_sqs_finish_and_deletes_it
         "0",
         "the message was deleted, not left to come back"
     );
+    // The next in line keeps a message, for whichever worker runs next.
+    let visible = client
+        .receive_message()
+        .queue_url(&url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap()
+        .messages
+        .unwrap_or_default();
+    assert!(
+        visible
+            .iter()
+            .any(|m| m.body().is_some_and(|b| b.contains(&second))),
+        "{visible:?}"
+    );
+    client.delete_queue().queue_url(&url).send().await.unwrap();
     r.stop().await;
 }

@@ -334,8 +334,13 @@ fn enqueue_statement_alone(b: &Bench, clients: u32, secs: u64) -> f64 {
     let c = &b.app.config;
     let request: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
     let claims = &request["requestContext"]["authorizer"]["jwt"]["claims"];
-    let params: serde_json::Value =
-        serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
+    // As the handler stores a character request.
+    let params = serde_json::json!({
+        "imageReferenceId": body["imageReferenceId"],
+        "prompt": body["prompt"],
+        "negativePrompt": null,
+    });
     let defines = [
         format!("p2={}", claims["sub"].as_str().unwrap()),
         format!("p3={}", claims["tenant_id"].as_str().unwrap()),
@@ -507,6 +512,14 @@ struct Limits {
     rows: Vec<String>,
 }
 
+impl Limits {
+    /// The one-INSERT limit for 1 or 10 clients, and its name in the ratio column.
+    fn insert_at(&self, clients: u64) -> (f64, String) {
+        let limit = if clients == 1 { self.enq1 } else { self.enq10 };
+        (limit, format!("INSERT @{clients}"))
+    }
+}
+
 fn limits(secs: u64) -> Limits {
     let db = format!("mj_pglimit_{}", std::process::id());
     psql("postgres", &format!("CREATE DATABASE {db}"));
@@ -624,16 +637,12 @@ async fn main() {
             }
         })
         .await;
-        let limit = if producers == 1 {
-            limits.enq1
-        } else {
-            limits.enq10
-        };
+        let (limit, name) = limits.insert_at(producers as u64);
         table.push(format!(
             "| enqueue, enqueue handler, {producers} producer(s): p50 {} p99 {} | {rate:.0} jobs/s | {} |",
             ms(lat.p(0.5)),
             ms(lat.p(0.99)),
-            ratio(rate, limit, &format!("INSERT @{producers}"))
+            ratio(rate, limit, &name)
         ));
         b.drop_database().await;
     }
@@ -645,14 +654,10 @@ async fn main() {
         eprintln!("enqueue statement via pgbench, {clients} clients...");
         let b = bench_app(&format!("enqsql{clients}"), 5).await;
         let rate = enqueue_statement_alone(&b, clients, secs);
-        let limit = if clients == 1 {
-            limits.enq1
-        } else {
-            limits.enq10
-        };
+        let (limit, name) = limits.insert_at(clients as u64);
         table.push(format!(
             "| enqueue statement alone (`insert.sql` through pgbench, the handler's job and limits), {clients} clients | {rate:.0} jobs/s | {} |",
-            ratio(rate, limit, &format!("INSERT @{clients}"))
+            ratio(rate, limit, &name)
         ));
         b.drop_database().await;
     }
@@ -686,16 +691,12 @@ async fn main() {
             }
         })
         .await;
-            let limit = if producers == 1 {
-                limits.enq1
-            } else {
-                limits.enq10
-            };
+            let (limit, name) = limits.insert_at(producers as u64);
             table.push(format!(
             "| enqueue, local HTTP server, {producers} producer(s): p50 {} p99 {} | {rate:.0} jobs/s | {} |",
             ms(lat.p(0.5)),
             ms(lat.p(0.99)),
-            ratio(rate, limit, &format!("INSERT @{producers}"))
+            ratio(rate, limit, &name)
         ));
         }
         eprintln!("status reads via HTTP...");

@@ -1300,13 +1300,7 @@ async fn a_stalled_jobs_slot_counts_for_its_user_so_its_renewal_cannot_lift_them
     t.insert_job(stalled, &user("alice", None), "x").await;
     let running = claim(&t, stalled).await;
     let conn = t.db.pool.get().await.unwrap();
-    // Its worker stalled past the lease; no one has taken the slot over or rescued the job.
-    conn.batch_execute(&format!(
-        "UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id = '{stalled}'; \
-         UPDATE generation_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = '{stalled}'"
-    ))
-    .await
-    .unwrap();
+    stall(&t, stalled).await;
 
     let next = enqueue(&conn, &user("alice", None), ONE_OF_FIVE).await;
     assert!(
@@ -1323,4 +1317,47 @@ async fn a_stalled_jobs_slot_counts_for_its_user_so_its_renewal_cannot_lift_them
         .unwrap();
     assert!(renewed, "the stalled worker wakes and renews its lease");
     assert_eq!(slots_held_by(&t, "alice").await, 1);
+}
+
+/// The job's worker stalled past its lease; no one has taken its slot over or rescued it.
+async fn stall(t: &TestApp, job: Uuid) {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.batch_execute(&format!(
+        "UPDATE job_slots SET lease_expires_at = now() - interval '1 second' WHERE job_id = '{job}'; \
+         UPDATE generation_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = '{job}'"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_users_job_held_back_by_a_stalled_job_is_not_ahead_of_another_users_job() {
+    let t = TestApp::embedded().await;
+    let stalled = Uuid::now_v7();
+    t.insert_job(stalled, &user("alice", None), "x").await;
+    claim(&t, stalled).await;
+    for other in ["carol", "dan", "erin", "frank"] {
+        let id = Uuid::now_v7();
+        t.insert_job(id, &user(other, None), "x").await;
+        claim(&t, id).await;
+    }
+    stall(&t, stalled).await;
+    let held_back = alice_queued(&t).await;
+    let bobs = Uuid::now_v7();
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+         VALUES ($1, 'bob', 'moodboard', gen_random_uuid())",
+        &[&bobs],
+    )
+    .await
+    .unwrap();
+
+    // The one slot that is free, its lease run out, goes to Bob: Alice's next job is first in
+    // line but may not start while her stalled job may still run.
+    let result = shared::jobs::claim_by_id(&conn, bobs, Duration::from_secs(60), ONE_OF_FIVE)
+        .await
+        .unwrap();
+    assert!(matches!(result, ClaimResult::Claimed(_)), "{result:?}");
+    assert_eq!(t.status_of(held_back).await, "queued");
 }
