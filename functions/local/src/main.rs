@@ -61,6 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .filter(|s| *s > 0)
         .map(std::time::Duration::from_secs)
         .unwrap_or(std::time::Duration::from_secs(60));
+    let mut stop = StopSignal::listen()?;
     let running = local::start(app.clone(), verifier.clone(), listener, poll_every)?;
 
     let base = format!("http://{}", running.addr);
@@ -89,13 +90,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     println!("       -H 'content-type: application/json' -d '{{\"characterId\":\"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b\",\"prompt\":\"a knight\"}}'");
     println!("  curl -s {base}/api/generate/status/<jobId> -H \"authorization: Bearer $TOKEN\"\n");
 
-    tokio::signal::ctrl_c().await?;
+    stop.recv().await?;
     println!("stopping: running jobs finish first (Ctrl-C again to stop at once)");
     tokio::select! {
         _ = running.stop() => {}
-        _ = tokio::signal::ctrl_c() => println!("stopped without waiting: jobs cut off run again once their leases run out"),
+        _ = stop.recv() => println!("stopped without waiting: jobs cut off run again once their leases run out"),
     }
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM: what `kill`, a process manager or a container runtime sends. SIGTERM is
+/// listened for from before the service starts, so none sent once it runs is missed.
+struct StopSignal {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn listen() -> std::io::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> std::io::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                interrupted = tokio::signal::ctrl_c() => interrupted,
+                _ = self.terminate.recv() => Ok(()),
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await
+    }
 }
 
 fn uuid_hex() -> String {

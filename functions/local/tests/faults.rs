@@ -486,3 +486,50 @@ async fn a_postgres_restart_under_load_gives_503s_not_500s_recovers_and_loses_no
     running.stop().await;
     let _ = std::fs::remove_dir_all(&media);
 }
+
+#[tokio::test]
+async fn a_sigterm_lets_the_running_job_finish_before_the_runner_exits() {
+    let server = "postgres://postgres@127.0.0.1:5432";
+    let (url, pool) = fresh_database(server).await;
+    let media = std::env::temp_dir().join(format!("mj-sigterm-{}", Uuid::new_v4().simple()));
+    let mut runner = spawn_runner(&url, &media);
+    let (job, direct) = enqueue(&pool, 4).await;
+    assert!(direct);
+    let conn = pool.get().await.unwrap();
+    // The bound only stops a broken run.
+    for _ in 0..400 {
+        if status_of(&conn, job).await == "processing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status_of(&conn, job).await, "processing");
+
+    let sent = Command::new("kill")
+        .args(["-TERM", &runner.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exited = tokio::task::spawn_blocking(move || runner.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        exited.success(),
+        "a clean exit, not death by the signal: {exited:?}"
+    );
+    assert_eq!(status_of(&conn, job).await, "completed");
+    drop(conn);
+    pool.close();
+    drop_database(server, &url).await;
+    let _ = std::fs::remove_dir_all(&media);
+}
+
+async fn status_of(conn: &deadpool_postgres::Object, job: Uuid) -> String {
+    conn.query_one(
+        "SELECT status::text FROM generation_jobs WHERE id = $1",
+        &[&job],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
