@@ -444,8 +444,8 @@ where
     (Latencies(all), rate)
 }
 
-/// pgbench: transactions per second of one job's minimum work, at `clients`.
-/// Runs a pgbench script: one of `pglimit/`, or a path; `defines` are its `-D` variables.
+/// pgbench's transactions per second for a script (one of `pglimit/`, or a path) at
+/// `clients`; `defines` are its `-D` variables.
 fn pgbench(script: &str, clients: u32, secs: u64, database: &str, defines: &[String]) -> f64 {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/pglimit");
     let path = if script.contains('/') {
