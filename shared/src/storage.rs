@@ -118,8 +118,10 @@ impl LocalMediaStore {
         &self.dir
     }
 
-    /// Writes one attempt's files. Keys carry the attempt so that a superseded attempt's files
-    /// can never overwrite the ones a completed job points at.
+    /// Writes one attempt's files. Each key carries the attempt and the file's own media id, so
+    /// that files stored by a superseded attempt, or by a second check of the same attempt,
+    /// never overwrite the ones a completed job points at, and discarding them removes only
+    /// their own.
     pub async fn put(
         &self,
         job_id: Uuid,
@@ -135,7 +137,8 @@ impl LocalMediaStore {
             })?;
         let mut stored = Vec::with_capacity(files.len());
         for (ordinal, file) in files.iter().enumerate() {
-            let name = format!("{attempt}-{ordinal}.{}", file.extension);
+            let id = Uuid::now_v7();
+            let name = format!("{attempt}-{ordinal}-{}.{}", id.simple(), file.extension);
             let path = folder.join(&name);
             tokio::fs::write(&path, &file.bytes)
                 .await
@@ -145,7 +148,7 @@ impl LocalMediaStore {
                 })?;
             let key = format!("{job_id}/{name}");
             stored.push(NewMedia {
-                id: Uuid::now_v7(),
+                id,
                 media_type: file.kind.as_str(),
                 mime_type: file.mime_type,
                 storage: "local",
@@ -164,5 +167,38 @@ impl LocalMediaStore {
         for m in media {
             let _ = tokio::fs::remove_file(self.dir.join(&m.storage_key)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generator::MediaKind;
+
+    fn png(bytes: &[u8]) -> GeneratedFile {
+        GeneratedFile {
+            kind: MediaKind::Image,
+            mime_type: "image/png",
+            extension: "png",
+            width: None,
+            height: None,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn two_stores_of_one_attempt_keep_their_own_files_and_discarding_one_spares_the_other() {
+        let dir = std::env::temp_dir().join(format!("mj-store-{}", Uuid::new_v4().simple()));
+        let store = LocalMediaStore::new(dir.clone(), "http://127.0.0.1/media".into());
+        let job = Uuid::now_v7();
+        let kept = store.put(job, 1, &[png(b"kept")]).await.unwrap();
+        let lost = store.put(job, 1, &[png(b"lost")]).await.unwrap();
+        assert_ne!(kept[0].storage_key, lost[0].storage_key);
+
+        store.discard(&lost).await;
+        let read = |m: &NewMedia| std::fs::read(dir.join(&m.storage_key));
+        assert_eq!(read(&kept[0]).unwrap(), b"kept");
+        assert!(read(&lost[0]).is_err(), "the discarded file is gone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

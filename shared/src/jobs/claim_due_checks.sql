@@ -1,11 +1,14 @@
--- Takes up to $1 jobs whose provider check is due, oldest due first. Pushing next_check_at out
--- by $2 seconds is the check's lease: no other poller or status request takes the job meanwhile,
--- and if this checker dies, the job is due again when it runs out.
+-- Takes up to $1 jobs whose provider check is due, oldest due first, each for $2 seconds
+-- (check_taken_until): no other poller, status request or callback takes the job meanwhile.
+-- next_check_at is pushed out as far, so that if this checker dies, the job falls due again
+-- when the lease runs out.
 UPDATE generation_jobs j
-SET next_check_at = now() + make_interval(secs => $2), checked_at = now()
+SET next_check_at = now() + make_interval(secs => $2), checked_at = now(),
+    check_taken_until = now() + make_interval(secs => $2)
 FROM (
     SELECT id FROM generation_jobs
     WHERE status = 'processing' AND lease_expires_at IS NULL AND next_check_at <= now()
+      AND (check_taken_until IS NULL OR check_taken_until <= now())
     ORDER BY next_check_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED

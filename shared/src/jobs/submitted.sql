@@ -9,6 +9,7 @@ WITH job AS (
         provider_deadline = now() + make_interval(secs => $5),
         next_check_at = now() + make_interval(secs => $6),
         checked_at = now(),
+        check_taken_until = NULL,
         progress = GREATEST(progress, 10),
         lease_expires_at = NULL,
         updated_at = now()

@@ -1,0 +1,13 @@
+-- A provider check holds its job until it ends, whoever took it.
+--
+-- Until now the poller's claim pushed next_check_at out as its lease, but the status route and
+-- provider callbacks took a job by checked_at alone (5 s and 0 s ago): a callback arriving while
+-- the poller was downloading the finished video, or a page polling through a slow download,
+-- started a second check of the same attempt. Both fetched and stored the output; one completed
+-- the job, and the other, finding its completion superseded, discarded the files it had stored,
+-- which with the local store were the very files the completed job pointed at. next_check_at
+-- cannot be the lease for every taker, since the status route checks ahead of it on purpose.
+-- A check now takes the job until check_taken_until; it is cleared when the check ends with
+-- the provider still working, and a new attempt's submission starts without one. A checker that
+-- dies leaves it to run out, and the job can be checked again.
+ALTER TABLE generation_jobs ADD COLUMN check_taken_until timestamptz;
