@@ -243,22 +243,27 @@ async fn a_character_with_a_reference_image_goes_to_img2img_with_it() {
 }
 
 #[tokio::test]
-async fn another_users_image_is_never_sent_as_an_input() {
+async fn another_users_image_or_the_same_user_ids_in_another_tenant_is_never_sent_as_an_input() {
     let p = Provider::start(&[]).await;
-    let bobs = p.source_image(&user("bob", Some("tenant-y"))).await;
-    let id = p
-        .job(
-            &alice(),
-            JobType::Animation,
-            json!({ "sourceImageId": bobs, "prompt": "wave" }),
-        )
-        .await;
+    for owner in [
+        user("bob", Some("tenant-y")),
+        user("alice", Some("tenant-y")),
+    ] {
+        let theirs = p.source_image(&owner).await;
+        let id = p
+            .job(
+                &alice(),
+                JobType::Animation,
+                json!({ "sourceImageId": theirs, "prompt": "wave" }),
+            )
+            .await;
 
-    assert_eq!(p.run(id).await, Outcome::Failed);
-    let row = p.row(id).await;
-    assert!(row
-        .get::<_, String>("error_message")
-        .contains("source image"));
+        assert_eq!(p.run(id).await, Outcome::Failed, "{owner:?}");
+        let row = p.row(id).await;
+        assert!(row
+            .get::<_, String>("error_message")
+            .contains("source image"));
+    }
     assert_eq!(p.requests_matching("/api/v6/").await, 0);
 }
 
@@ -762,4 +767,120 @@ async fn a_page_polling_every_100ms_for_10s_makes_only_a_handful_of_provider_che
         (1..=3).contains(&fetches),
         "{fetches} fetches for {polls} polls"
     );
+}
+
+#[tokio::test]
+async fn a_check_under_way_keeps_callbacks_and_status_checks_off_the_job_until_it_ends() {
+    let p = Provider::start(&[
+        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+    ])
+    .await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(91), 40))
+        .await;
+    let owner = alice();
+    let id = p.animation(&owner).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
+    // The finished video downloads slowly: the poller's check is still under way while the
+    // callback and a status poll come in.
+    Mock::given(method("GET"))
+        .and(path("/cdn/slow.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(MP4.to_vec(), "video/mp4")
+                .set_delay(Duration::from_secs(2)),
+        )
+        .mount(&p.ml)
+        .await;
+    let mut done = success(&[format!("{}/cdn/slow.mp4", p.ml.uri())]);
+    p.answer("/api/v6/video/fetch/91", 200, done.clone()).await;
+    p.make_due(id).await;
+    let app = p.t.app.clone();
+    let poller = tokio::spawn(async move { shared::provider::check_due(&app).await.unwrap() });
+    let waiting_since = std::time::Instant::now();
+    while p.requests_matching("/cdn/").await == 0 {
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(20),
+            "the poller never fetched the output"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    done["track_id"] = json!(id.to_string());
+    let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    // As if the status route's few seconds between checks had passed.
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET checked_at = now() - interval '1 hour' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let (status, body) = call(
+        &p.t.app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{id}"),
+            Some(&owner),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("processing")));
+
+    assert_eq!(poller.await.unwrap(), 1);
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i64>("media"), 1);
+    assert_eq!(p.requests_matching("/cdn/").await, 1, "downloaded once");
+    assert_eq!(
+        p.requests_matching("/api/v6/video/fetch/").await,
+        1,
+        "the provider was asked once"
+    );
+    let key: String = conn
+        .query_one(
+            "SELECT m.storage_key FROM generated_media m JOIN generation_jobs j \
+             ON j.result_media_id = m.id WHERE j.id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        std::fs::read(p.t.media.path().join(key)).unwrap(),
+        MP4,
+        "the completed job's file is there"
+    );
+}
+
+#[tokio::test]
+async fn a_check_whose_checker_died_lets_the_next_one_take_the_job_once_its_lease_runs_out() {
+    let p = Provider::start(&[
+        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+    ])
+    .await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(92), 40))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
+    p.make_due(id).await;
+    // A poller took the job for a check with a lease that has already run out, and never
+    // ended the check.
+    let conn = p.t.db.pool.get().await.unwrap();
+    let taken = shared::jobs::claim_due_checks(&conn, 50, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    let mut done = success(&[video]);
+    done["track_id"] = json!(id.to_string());
+    let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("completed")));
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
 }
