@@ -926,10 +926,11 @@ pub struct InputMedia {
 pub async fn input_media(
     db: &impl GenericClient,
     user_id: &str,
+    tenant_id: Option<&str>,
     ids: &[Uuid],
 ) -> Result<Vec<InputMedia>, JobsError> {
     let stmt = db.prepare_cached(include_str!("input_media.sql")).await?;
-    let rows = db.query(&stmt, &[&ids, &user_id]).await?;
+    let rows = db.query(&stmt, &[&ids, &user_id, &tenant_id]).await?;
     rows.iter()
         .map(|r| {
             Ok(InputMedia {
