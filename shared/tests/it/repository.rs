@@ -1319,6 +1319,73 @@ async fn a_stalled_jobs_slot_counts_for_its_user_so_its_renewal_cannot_lift_them
     assert_eq!(slots_held_by(&t, "alice").await, 1);
 }
 
+#[tokio::test]
+async fn a_stalled_job_whose_slot_a_claim_is_handing_on_learns_it_must_stop_once_that_claim_commits(
+) {
+    let t = TestApp::embedded().await;
+    let stalled = Uuid::now_v7();
+    t.insert_job(stalled, &user("alice", None), "x").await;
+    let running = claim(&t, stalled).await;
+    stall(&t, stalled).await;
+    // Another claimer is giving the expired slot to Bob's job, and has not committed yet.
+    let claimer = t.db.pool.get().await.unwrap();
+    claimer
+        .batch_execute(&format!(
+            "BEGIN; UPDATE job_slots SET job_id = '{}', user_id = 'bob', \
+             lease_expires_at = now() + interval '1 minute' WHERE job_id = '{stalled}'",
+            Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let renewal = tokio::spawn({
+        let pool = t.db.pool.clone();
+        async move {
+            let conn = pool.get().await.unwrap();
+            let pid: i32 = conn
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            pid_tx.send(pid).unwrap();
+            shared::jobs::heartbeat(&conn, &running, 50, Duration::from_secs(60)).await
+        }
+    });
+    let pid = pid_rx.await.unwrap();
+    let conn = t.db.pool.get().await.unwrap();
+    // Bounded only so that a broken build fails instead of hanging.
+    for _ in 0..500 {
+        let waits: Option<String> = conn
+            .query_one(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waits.as_deref() == Some("Lock") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    claimer.batch_execute("COMMIT").await.unwrap();
+
+    assert!(
+        !renewal.await.unwrap().unwrap(),
+        "the stalled worker learns its slot went to another job"
+    );
+    let expired: bool = conn
+        .query_one(
+            "SELECT lease_expires_at < now() FROM generation_jobs WHERE id = $1",
+            &[&stalled],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(expired, "and its job's lease was not renewed");
+}
+
 /// The job's worker stalled past its lease; no one has taken its slot over or rescued it.
 async fn stall(t: &TestApp, job: Uuid) {
     let conn = t.db.pool.get().await.unwrap();
