@@ -194,7 +194,7 @@ impl Dispatcher {
                     .send_message()
                     .queue_url(queue_url)
                     .message_body(body)
-                    .delay_seconds(delay.as_secs().min(900) as i32)
+                    .delay_seconds(whole_seconds(delay, 900))
                     .send()
                     .await
                     .map_err(|e| QueueError::Send(Box::new(e)))?;
@@ -256,7 +256,7 @@ impl Dispatcher {
                 .change_message_visibility()
                 .queue_url(queue_url)
                 .receipt_handle(receipt_handle)
-                .visibility_timeout(delay.as_secs().clamp(0, 43_200) as i32)
+                .visibility_timeout(whole_seconds(delay, 43_200))
                 .send()
                 .await;
             if let Err(e) = result {
@@ -264,6 +264,14 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A delay in SQS's whole seconds, rounded up, so that a message never comes back before the
+/// job it carries is due (one that did would find it not yet due and be deferred again, or,
+/// should the job fall due between the claim and the look at why it failed, be acknowledged
+/// as waiting for a slot).
+fn whole_seconds(delay: Duration, max: i32) -> i32 {
+    delay.as_secs_f64().ceil().min(f64::from(max)) as i32
 }
 
 /// Builds an SQS client from the standard AWS configuration chain (environment, profile, the
@@ -288,6 +296,14 @@ fn local_endpoint(queue_url: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delays_are_rounded_up_to_whole_seconds_and_capped() {
+        assert_eq!(whole_seconds(Duration::ZERO, 900), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(5_001), 900), 6);
+        assert_eq!(whole_seconds(Duration::from_secs(7), 900), 7);
+        assert_eq!(whole_seconds(Duration::from_secs(3_600), 900), 900);
+    }
 
     #[test]
     fn a_new_doorbell_knows_nothing_of_the_line() {

@@ -12,7 +12,7 @@ use tracing::{field, Instrument};
 use crate::{
     generator::{Callback, GenerateError, Generation, Inputs, Progress},
     jobs::{self, ClaimResult, Claimed, JobsError},
-    queue::{JobMessage, QueueError},
+    queue::JobMessage,
     telemetry::chain,
     App,
 };
@@ -28,12 +28,12 @@ pub enum WorkerError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("job repository error")]
     Jobs(#[from] JobsError),
-    #[error("could not schedule the retry")]
-    Queue(#[from] QueueError),
     #[error("the batch this job's completion was written in failed")]
     Batch(#[source] Arc<WorkerError>),
     #[error("the completer has stopped")]
     CompleterGone,
+    #[error("the invocation was about to end; the job was cut off and runs again after its lease")]
+    OutOfTime,
 }
 
 /// What became of one delivery.
@@ -41,9 +41,13 @@ pub enum WorkerError {
 pub enum Outcome {
     Completed,
     Failed,
-    /// A retryable error; the job is queued again and will run after `delay`.
+    /// A retryable error; the job is queued again and will run after `delay`. Without
+    /// `message_sent`, the retry's own message could not be sent: the message that delivered
+    /// this attempt is delivered again after `delay` instead (and, where there is none, the
+    /// outbox re-sends one).
     Requeued {
         delay: Duration,
+        message_sent: bool,
     },
     /// The job was not claimable (unknown, finished, or already running): acknowledged, not run.
     NotClaimable,
@@ -68,17 +72,35 @@ pub async fn handle_sqs(app: &App, event: SqsEvent) -> SqsBatchResponse {
     handle_sqs_until(app, event, None).await
 }
 
+/// How long before the invocation ends a record still running is given up, so that the batch
+/// is answered in time.
+const ANSWER_MARGIN: Duration = Duration::from_secs(3);
+
 /// [`handle_sqs`] within an invocation that ends at `deadline`: a worker runs the jobs its own
-/// jobs free slots for only while enough of the invocation is left.
+/// jobs free slots for only while enough of the invocation is left, and a record still running
+/// near the end is cut off and reported, so that one long job never costs the batch its answer
+/// (a timed-out invocation would return every message, and cut off every job in it).
 pub async fn handle_sqs_until(
     app: &App,
     event: SqsEvent,
     deadline: Option<std::time::Instant>,
 ) -> SqsBatchResponse {
+    let answer_by =
+        deadline.map(|d| tokio::time::Instant::from_std(d.checked_sub(ANSWER_MARGIN).unwrap_or(d)));
     let outcomes = futures::future::join_all(event.records.iter().map(|record| {
         let message_id = record.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("record", message_id = %message_id, job_id = field::Empty);
-        async move { (record, process_record(app, record, deadline).await) }.instrument(span)
+        async move {
+            let run = process_record(app, record, deadline);
+            let outcome = match answer_by {
+                Some(at) => tokio::time::timeout_at(at, run)
+                    .await
+                    .unwrap_or(Err(WorkerError::OutOfTime)),
+                None => run.await,
+            };
+            (record, outcome)
+        }
+        .instrument(span)
     }))
     .await;
     let mut response = SqsBatchResponse::default();
@@ -91,6 +113,19 @@ pub async fn handle_sqs_until(
                     message_id,
                     delay_s = delay.as_secs(),
                     "job waits; message deferred"
+                );
+                Some(delay)
+            }
+            // The job is queued for its retry, but its message was not sent: this one carries
+            // the retry instead, delivered again when the job is due.
+            Ok(Outcome::Requeued {
+                delay,
+                message_sent: false,
+            }) => {
+                tracing::info!(
+                    message_id,
+                    delay_s = delay.as_secs(),
+                    "job requeued; this message carries its retry"
                 );
                 Some(delay)
             }
@@ -668,15 +703,24 @@ async fn settle_failure(
     handoff: Handoff,
     next: &mut Option<Next>,
 ) -> Result<Outcome, WorkerError> {
-    let mut sent = Ok(());
     let (settled, outcome) = match &error {
         GenerateError::Retryable(message) if claim.attempt() < claim.job.max_attempts => {
             let delay = retry_delay(claim.attempt());
             let settled = jobs::requeue(db, claim, message, delay).await?;
+            let mut message_sent = true;
             if settled.applied() {
-                sent = app.queue.dispatch(claim.job.id, delay).await;
+                if let Err(e) = app.queue.dispatch(claim.job.id, delay).await {
+                    tracing::warn!(job_id = %claim.job.id, error = %chain(&e), "the retry's message was not sent");
+                    message_sent = false;
+                }
             }
-            (settled, Outcome::Requeued { delay })
+            (
+                settled,
+                Outcome::Requeued {
+                    delay,
+                    message_sent,
+                },
+            )
         }
         GenerateError::Retryable(message) => {
             let text = format!("gave up after {} attempts: {message}", claim.attempt());
@@ -690,11 +734,9 @@ async fn settle_failure(
     if !settled.applied() {
         return Ok(Outcome::Superseded);
     }
+    // The freed slot is handed on whether or not the retry's message was sent: the next job's
+    // claim needs only Postgres.
     *next = hand_on(app, settled, handoff).await;
-    // If the retry's message could not be sent, the error is returned, the record is reported,
-    // and SQS delivers the original message again: the job is queued, so that delivery (or the
-    // outbox) claims it once it is due. The freed slot was handed on first all the same.
-    sent?;
     Ok(outcome)
 }
 
@@ -798,9 +840,14 @@ async fn resolve_inputs(app: &App, claim: &Claimed) -> Result<Inputs, GenerateEr
     let ids: Vec<uuid::Uuid> = reference.into_iter().chain(source).collect();
     let found = async {
         let conn = app.pool.get().await.map_err(|e| chain(&e))?;
-        jobs::input_media(&conn, &claim.job.user_id, &ids)
-            .await
-            .map_err(|e| chain(&e))
+        jobs::input_media(
+            &conn,
+            &claim.job.user_id,
+            claim.job.tenant_id.as_deref(),
+            &ids,
+        )
+        .await
+        .map_err(|e| chain(&e))
     }
     .await
     .map_err(|e| {

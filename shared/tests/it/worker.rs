@@ -234,6 +234,73 @@ async fn when_the_database_is_down_the_record_is_reported_for_redelivery() {
 }
 
 #[tokio::test]
+async fn a_retry_whose_message_cannot_be_sent_still_hands_its_slot_on_and_keeps_its_own_message() {
+    // Nothing listens at this SQS endpoint: every send fails.
+    let t = TestApp::configured(
+        |_| {
+            Dispatcher::sqs(
+                sqs_client_for("http://127.0.0.1:9"),
+                "http://127.0.0.1:9/123456789012/jobs".into(),
+            )
+        },
+        Duration::ZERO,
+        &[("MAX_CONCURRENT_JOBS", "1")],
+    )
+    .await;
+    let (retried, next) = (Uuid::now_v7(), Uuid::now_v7());
+    t.insert_job(retried, &user("alice", None), "simulate:retryable")
+        .await;
+    t.insert_job(next, &user("bob", None), "next in line").await;
+
+    let response = shared::worker::handle_sqs(
+        &t.app,
+        batch(vec![sqs_record("m-retried", &job_message(retried))]),
+    )
+    .await;
+
+    // The slot the retry freed went to the next job, run here without a message.
+    assert_eq!(t.status_of(next).await, "completed");
+    let row = t.job_row(retried).await;
+    assert_eq!(row.get::<_, String>("status"), "queued");
+    assert_eq!(row.get::<_, i32>("attempts"), 1);
+    // The message that delivered the failed attempt comes back to carry the retry.
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["m-retried"]);
+}
+
+#[tokio::test]
+async fn a_job_still_running_as_the_invocation_ends_is_cut_off_and_only_its_record_is_reported() {
+    // Every job takes 30 s; the invocation has 4 s left.
+    let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_secs(30)).await;
+    let slow = Uuid::now_v7();
+    t.insert_job(slow, &user("alice", None), "slow").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+
+    let response = shared::worker::handle_sqs_until(
+        &t.app,
+        batch(vec![
+            sqs_record("m-slow", &job_message(slow)),
+            sqs_record("m-unknown", &job_message(Uuid::now_v7())),
+        ]),
+        Some(deadline),
+    )
+    .await;
+
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["m-slow"], "the other record's outcome stands");
+    // Still held under its lease: the rescuer runs it again once that runs out.
+    assert_eq!(t.status_of(slow).await, "processing");
+}
+
+#[tokio::test]
 async fn the_embedded_queue_runs_every_job_without_exceeding_the_concurrency_limit() {
     let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_millis(50)).await;
     let alice = user("alice", None);
