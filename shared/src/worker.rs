@@ -669,9 +669,30 @@ async fn write_batch(
     )
     .await
     {
-        jobs::RoundEnd::Committed { applied, line } => {
+        jobs::RoundEnd::Committed {
+            applied,
+            line,
+            stranded,
+        } => {
             if let (Some(bell), Some(token)) = (bell, token) {
                 bell.after_claim(token, Some(line.left_waiting));
+            }
+            if !stranded.is_empty() {
+                // Best effort: a slot left held frees itself when its lease runs out.
+                match jobs::free_stranded(&conn, &stranded).await {
+                    Ok(freed) => {
+                        tracing::info!(
+                            freed,
+                            "freed completed jobs' slots another statement held during the round"
+                        );
+                        if let Some(bell) = bell {
+                            bell.ring();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %chain(&e), "could not free completed jobs' slots; they free themselves when their leases run out")
+                    }
+                }
             }
             Ok((applied, line.jobs))
         }

@@ -32,10 +32,13 @@
     FROM done JOIN unnest($1::uuid[], $16::bool[]) AS t(id, takes) USING (id)
     WHERE t.takes
 ), handed_all AS (
-    -- The completed jobs' slots, read only when there are any, and locked without waiting: one
-    -- that another claimer holds is one whose lease ran out, which it is giving to another job.
-    -- Waiting for it could close a cycle through a user's lock (`held_by_user`).
-    SELECT slot FROM job_slots
+    -- The completed jobs' slots, read only when there are any, and locked without waiting:
+    -- waiting could close a cycle through a user's lock (`held_by_user`). Another statement may
+    -- hold one: a claimer giving a slot whose lease ran out to another job, or any statement
+    -- that locked the slot to take it and found, on the re-check, that it was taken (the lock
+    -- stays until that statement commits). Such a slot is not handed on, still counts for its
+    -- user, and is returned as `stranded` for the caller to free once this commits.
+    SELECT slot, job_id FROM job_slots
     WHERE cardinality((SELECT ids FROM handed_jobs)) > 0 AND job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
     FOR UPDATE SKIP LOCKED
 ), handed AS (
@@ -89,7 +92,7 @@
     FROM user_slots_held_locked(CASE WHEN $20::int8 < $19 AND (SELECT n FROM wanted) > 0
                                           AND EXISTS (SELECT 1 FROM free)
                                      THEN ARRAY(SELECT DISTINCT user_id FROM head) ELSE '{}' END,
-                                (SELECT ids FROM handed_jobs)::uuid[]) h
+                                ARRAY(SELECT job_id FROM handed_all)) h
 ), next AS (
     SELECT h.id FROM head h LEFT JOIN held_by_user u ON u.user_id = h.user_id
     WHERE h.turn <= $20 - coalesce(u.held, 0)
@@ -173,6 +176,12 @@
                      AND (q.status = 'queued') IS TRUE AND q.run_after <= now()
                      AND q.id <> ALL (ARRAY(SELECT id FROM claimed))) AS more
 )
--- One row even when nothing was claimed, to carry the flag.
-SELECT c.*, l.more AS left_waiting, (SELECT ids FROM handed_jobs) AS applied
+-- One row even when nothing was claimed, to carry the flags. `stranded`: the completed jobs
+-- whose slots another statement held (see `handed_all`), looked up only when one was skipped.
+SELECT c.*, l.more AS left_waiting, (SELECT ids FROM handed_jobs) AS applied,
+       CASE WHEN (SELECT count(*) FROM handed_all) < cardinality((SELECT ids FROM handed_jobs))
+            THEN ARRAY(SELECT s.job_id FROM job_slots s
+                       WHERE s.job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
+                         AND s.slot NOT IN (SELECT slot FROM handed_all))
+            ELSE '{}'::uuid[] END AS stranded
 FROM left_waiting l LEFT JOIN claimed c ON true

@@ -604,9 +604,12 @@ impl<'a> CompletionColumns<'a> {
 #[derive(Debug)]
 pub enum RoundEnd {
     /// Committed: the jobs whose completion applied, and the jobs claimed for their slots.
+    /// `stranded`: completed jobs whose slots another statement held, which the round could
+    /// neither hand on nor free: [`free_stranded`] frees them.
     Committed {
         applied: std::collections::HashSet<Uuid>,
         line: LineClaim,
+        stranded: Vec<Uuid>,
     },
     /// Nothing was written: the completions must be written again. (Only a lost connection
     /// leaves it unknown. If the round did commit, a completion written again is refused by
@@ -649,8 +652,14 @@ pub async fn complete_and_claim(
         Ok(rows) => rows,
         Err(e) => return RoundEnd::Undone(e.into()),
     };
-    let applied = match rows.first().map(|r| r.try_get::<_, Vec<Uuid>>("applied")) {
-        Some(Ok(applied)) => applied.into_iter().collect(),
+    let read = rows.first().map(|r| {
+        Ok::<_, tokio_postgres::Error>((
+            r.try_get::<_, Vec<Uuid>>("applied")?,
+            r.try_get::<_, Vec<Uuid>>("stranded")?,
+        ))
+    });
+    let (applied, stranded) = match read {
+        Some(Ok((applied, stranded))) => (applied.into_iter().collect(), stranded),
         None => Default::default(),
         Some(Err(e)) => {
             return RoundEnd::Unread {
@@ -660,9 +669,21 @@ pub async fn complete_and_claim(
         }
     };
     match line_from_rows(&rows, limits) {
-        Ok(line) => RoundEnd::Committed { applied, line },
+        Ok(line) => RoundEnd::Committed {
+            applied,
+            line,
+            stranded,
+        },
         Err(error) => RoundEnd::Unread { applied, error },
     }
+}
+
+/// Frees the slots a committed round left `stranded`, waiting for whoever holds them. Returns
+/// how many it freed.
+pub async fn free_stranded(db: &impl GenericClient, jobs: &[Uuid]) -> Result<u64, JobsError> {
+    let stmt = db.prepare_cached(include_str!("free_stranded.sql")).await?;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&jobs];
+    Ok(retrying(|| db.execute(&stmt, params)).await?)
 }
 
 /// Fails the job for good, keeping the attempt's error.

@@ -539,7 +539,7 @@ async fn a_completer_round_commits_its_completions_and_hands_their_slots_to_the_
     let (t, third) = (&f.t, f.third);
     let conn = t.db.pool.get().await.unwrap();
 
-    let shared::jobs::RoundEnd::Committed { applied, line } =
+    let shared::jobs::RoundEnd::Committed { applied, line, .. } =
         f.round(&conn, [true, true], Duration::from_secs(60)).await
     else {
         panic!("the round did not commit")
@@ -580,7 +580,7 @@ async fn a_completer_round_claims_only_for_the_workers_that_take_another_job() {
     let f = finished_two().await;
     let conn = f.t.db.pool.get().await.unwrap();
 
-    let shared::jobs::RoundEnd::Committed { applied, line } = f
+    let shared::jobs::RoundEnd::Committed { applied, line, .. } = f
         .round(&conn, [false, false], Duration::from_secs(60))
         .await
     else {
@@ -613,7 +613,7 @@ async fn a_completer_round_claims_nothing_for_a_completion_that_did_not_apply() 
     .await
     .unwrap();
 
-    let shared::jobs::RoundEnd::Committed { applied, line } =
+    let shared::jobs::RoundEnd::Committed { applied, line, .. } =
         f.round(&conn, [true, true], Duration::from_secs(60)).await
     else {
         panic!("the round did not commit")
@@ -1290,6 +1290,79 @@ async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_
         _ => panic!("the round did not commit"),
     }
     assert_eq!(t.status_of(job).await, "completed");
+}
+
+#[tokio::test]
+async fn a_completed_jobs_slot_another_statement_holds_still_counts_for_its_user_and_is_freed_after_the_round(
+) {
+    let t = TestApp::embedded().await;
+    let done = Uuid::now_v7();
+    t.insert_job(done, &user("bob", None), "x").await;
+    let running = claim(&t, done).await;
+    let conn = t.db.pool.get().await.unwrap();
+    let bobs_next = Uuid::now_v7();
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
+         VALUES ($1, 'bob', 'moodboard', gen_random_uuid())",
+        &[&bobs_next],
+    )
+    .await
+    .unwrap();
+    // A statement that looked at this slot as free found it taken on the re-check, and keeps
+    // the row locked until it commits.
+    let other = t.db.pool.get().await.unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{done}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+
+    let completion = shared::jobs::Completion {
+        job_id: done,
+        attempt: running.attempt(),
+        media: vec![image("done")],
+        credits: 1,
+    };
+    let end = shared::jobs::complete_and_claim(
+        &conn,
+        &[&completion],
+        &[true],
+        "m",
+        Duration::from_secs(60),
+        ONE_OF_FIVE,
+    )
+    .await;
+    let shared::jobs::RoundEnd::Committed {
+        applied,
+        line,
+        stranded,
+    } = end
+    else {
+        panic!("the round did not commit: {end:?}")
+    };
+    assert!(applied.contains(&done));
+    assert!(
+        line.jobs.is_empty(),
+        "Bob's next job waits: the slot still held counts against his allowance of one"
+    );
+    assert_eq!(
+        stranded,
+        [done],
+        "the slot the round could not free is named"
+    );
+
+    other.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        shared::jobs::free_stranded(&conn, &stranded).await.unwrap(),
+        1
+    );
+    assert_eq!(slots_held_by(&t, "bob").await, 0);
+    let line = shared::jobs::claim_line(&conn, 1, Duration::from_secs(60), ONE_OF_FIVE)
+        .await
+        .unwrap();
+    assert_eq!(line.jobs.len(), 1, "and his next job starts");
+    assert_eq!(line.jobs[0].job.id, bobs_next);
 }
 
 #[tokio::test]

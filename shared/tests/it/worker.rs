@@ -621,6 +621,54 @@ async fn a_completion_batch_that_fails_is_written_job_by_job_so_one_bad_job_hold
 }
 
 #[tokio::test]
+async fn the_completer_frees_a_completed_jobs_slot_that_another_statement_held_during_its_round() {
+    let t = TestApp::embedded().await;
+    let completer =
+        shared::worker::Completer::start(&t.app, std::sync::Arc::new(tokio::sync::Mutex::new(())));
+    let done = Uuid::now_v7();
+    t.insert_job(done, &user("alice", None), "x").await;
+    let running = claim(&t, done).await;
+    let other = t.db.pool.get().await.unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{done}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+
+    let completing = tokio::spawn(async move {
+        completer
+            .complete(finished_job(&running, "local"), true)
+            .await
+    });
+    // The round commits without the slot; freeing it then waits for the statement holding it.
+    let conn = t.db.pool.get().await.unwrap();
+    // Bounded only so that a broken build fails instead of hanging.
+    for _ in 0..500 {
+        let waiting: i64 = conn
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 || completing.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other.batch_execute("ROLLBACK").await.unwrap();
+
+    let (applied, _) = completing.await.unwrap().unwrap();
+    assert!(applied);
+    assert_eq!(t.status_of(done).await, "completed");
+    let held: i64 = conn
+        .query_one("SELECT count(*) FROM job_slots WHERE job_id = $1", &[&done])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "no slot names the completed job");
+}
+
+#[tokio::test]
 async fn a_stopped_completer_still_writes_completions_but_claims_no_job() {
     let t = TestApp::embedded().await;
     let completer =
