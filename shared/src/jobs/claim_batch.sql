@@ -38,7 +38,7 @@
     -- that locked the slot to take it and found, on the re-check, that it was taken (the lock
     -- stays until that statement commits). Such a slot is not handed on, still counts for its
     -- user, and is returned as `stranded` for the caller to free once this commits.
-    SELECT slot, job_id FROM job_slots
+    SELECT slot, job_id, user_id FROM job_slots
     WHERE cardinality((SELECT ids FROM handed_jobs)) > 0 AND job_id = ANY ((SELECT ids FROM handed_jobs)::uuid[])
     FOR UPDATE SKIP LOCKED
 ), handed AS (
@@ -68,18 +68,30 @@
       AND s.lease_expires_at > now() AND (q.status = 'queued') IS TRUE AND q.run_after <= now()
     LIMIT (SELECT n FROM wanted)
     FOR UPDATE OF s, q SKIP LOCKED
+), full_users AS (
+    -- Where an allowance can bind: the users at it in this snapshot, not counting the slots
+    -- this round hands on. None of their jobs can start now, so the look at the line passes
+    -- over them however many they have waiting (a look that counted them could find nothing
+    -- else and leave a slot idle). Only where to look: each user's count is confirmed under
+    -- their lock (`held_by_user`).
+    SELECT u.user_id FROM slots_held_by_user u
+    WHERE $20::int8 < $19
+      AND u.held - (SELECT count(*) FROM handed_all h WHERE h.user_id = u.user_id) >= $20
 ), head AS (
     -- A bounded look at the front of the line, ranked within each user. Not locked here: see
     -- `taken`. Where an allowance can hold users back ($20 < $19) it looks four times as far
-    -- as it wants jobs; otherwise every job in it can be taken, bar the few another claimer
-    -- holds or has claimed since the snapshot (or whose lapsed reservation another statement
-    -- holds), and a margin is enough (each job looked at is a lookup by key).
+    -- as it wants jobs, past the users at it; otherwise every job in it can be taken, bar the
+    -- few another claimer holds or has claimed since the snapshot (or whose lapsed reservation
+    -- another statement holds), and a margin is enough (each job looked at is a lookup by key).
     SELECT w.id, w.user_id, w.fair_key, w.created_at,
            row_number() OVER (PARTITION BY w.user_id ORDER BY w.fair_key, w.created_at, w.id) AS turn
     FROM (SELECT q.id, q.user_id, q.fair_key, q.created_at FROM generation_jobs q
           -- An array, not IN (subquery): the planner then fetches these few rows by primary key
           -- even in a generic plan, which cannot know the LIMIT and would scan the table.
-          WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs ORDER BY fair_key, created_at, id LIMIT CASE WHEN $20::int8 < $19 THEN 4 ELSE 1 END * (SELECT n FROM wanted) + 16))
+          WHERE q.id = ANY (ARRAY(SELECT id FROM waiting_jobs
+                                  WHERE $20::int8 >= $19 OR user_id <> ALL (ARRAY(SELECT user_id FROM full_users))
+                                  ORDER BY fair_key, created_at, id
+                                  LIMIT CASE WHEN $20::int8 < $19 THEN 4 ELSE 1 END * (SELECT n FROM wanted) + 16))
             AND (q.status = 'queued') IS TRUE) w
 ), held_by_user AS (
     -- The slots the users in that look already hold, not counting the ones handed on here:

@@ -1213,6 +1213,45 @@ async fn a_batch_claim_looks_past_a_user_held_back_by_their_allowance() {
 }
 
 #[tokio::test]
+async fn a_batch_claim_looks_past_any_number_of_jobs_of_users_already_at_their_allowance() {
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    // Four users each hold one of five slots, their allowance, and have ten jobs each waiting
+    // ahead of Carol's: more than a claim of one job looks ahead in line.
+    for who in ["u1", "u2", "u3", "u4"] {
+        let running = Uuid::now_v7();
+        t.insert_job(running, &user(who, None), "x").await;
+        claim(&t, running).await;
+        conn.execute(
+            "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+             SELECT gen_random_uuid(), $1, 'moodboard', gen_random_uuid(), g \
+             FROM generate_series(1, 10) g",
+            &[&who],
+        )
+        .await
+        .unwrap();
+    }
+    let carols = Uuid::now_v7();
+    conn.execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         VALUES ($1, 'carol', 'moodboard', gen_random_uuid(), 11)",
+        &[&carols],
+    )
+    .await
+    .unwrap();
+
+    let line = shared::jobs::claim_line(&conn, 1, Duration::from_secs(60), ONE_OF_FIVE)
+        .await
+        .unwrap();
+    let claimed: Vec<Uuid> = line.jobs.iter().map(|c| c.job.id).collect();
+    assert_eq!(
+        claimed,
+        [carols],
+        "the fifth slot goes to the one job that may take it"
+    );
+}
+
+#[tokio::test]
 async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_holds() {
     let t = TestApp::embedded().await;
     let job = Uuid::now_v7();
