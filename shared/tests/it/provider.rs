@@ -58,6 +58,15 @@ impl Provider {
         Self { t, ml }
     }
 
+    /// With ModelsLab's callbacks on: each job is sent a webhook URL of its own.
+    pub async fn with_callbacks() -> Self {
+        Self::start(&[
+            ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+            ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+        ])
+        .await
+    }
+
     /// Serves a file at `/cdn/{name}` the way a CDN does.
     async fn serve(&self, name: &str, content_type: &str, bytes: &[u8]) -> String {
         Mock::given(method("GET"))
@@ -645,11 +654,7 @@ fn callback_request(url: &str, body: &Value) -> lambda_http::Request {
 
 #[tokio::test]
 async fn a_callback_completes_the_job_and_forged_or_repeated_ones_change_nothing() {
-    let p = Provider::start(&[
-        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
-        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
-    ])
-    .await;
+    let p = Provider::with_callbacks().await;
     p.answer("/api/v6/video/img2video", 200, processing(json!(77), 40))
         .await;
     let id = p.animation(&alice()).await;
@@ -694,11 +699,7 @@ async fn a_callback_completes_the_job_and_forged_or_repeated_ones_change_nothing
 
 #[tokio::test]
 async fn a_failure_callback_fails_the_job_with_the_providers_message() {
-    let p = Provider::start(&[
-        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
-        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
-    ])
-    .await;
+    let p = Provider::with_callbacks().await;
     p.answer(
         "/api/v6/video/img2video",
         200,
@@ -771,11 +772,7 @@ async fn a_page_polling_every_100ms_for_10s_makes_only_a_handful_of_provider_che
 
 #[tokio::test]
 async fn a_check_under_way_keeps_callbacks_and_status_checks_off_the_job_until_it_ends() {
-    let p = Provider::start(&[
-        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
-        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
-    ])
-    .await;
+    let p = Provider::with_callbacks().await;
     p.answer("/api/v6/video/img2video", 200, processing(json!(91), 40))
         .await;
     let owner = alice();
@@ -858,11 +855,7 @@ async fn a_check_under_way_keeps_callbacks_and_status_checks_off_the_job_until_i
 
 #[tokio::test]
 async fn a_check_whose_checker_died_lets_the_next_one_take_the_job_once_its_lease_runs_out() {
-    let p = Provider::start(&[
-        ("CALLBACK_BASE_URL", "https://jobs.example.com"),
-        ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
-    ])
-    .await;
+    let p = Provider::with_callbacks().await;
     p.answer("/api/v6/video/img2video", 200, processing(json!(92), 40))
         .await;
     let id = p.animation(&alice()).await;

@@ -1266,13 +1266,7 @@ async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_
     )
     .await
     .unwrap();
-    let other = t.db.pool.get().await.unwrap();
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{job}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let other = hold_slot_of(&t, job).await;
     let completion = shared::jobs::Completion {
         job_id: job,
         attempt: running.attempt(),
@@ -1349,13 +1343,7 @@ async fn a_completed_jobs_slot_another_statement_holds_still_counts_for_its_user
     .unwrap();
     // A statement that looked at this slot as free found it taken on the re-check, and keeps
     // the row locked until it commits.
-    let other = t.db.pool.get().await.unwrap();
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{done}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let other = hold_slot_of(&t, done).await;
 
     let completion = shared::jobs::Completion {
         job_id: done,

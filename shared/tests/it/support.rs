@@ -438,6 +438,28 @@ pub fn sqs_record(message_id: &str, body: &str) -> SqsMessage {
     record
 }
 
+/// The message ids a batch response reports for redelivery.
+pub fn reported(response: &lambda_http::aws_lambda_events::sqs::SqsBatchResponse) -> Vec<&str> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect()
+}
+
+/// Opens a transaction that holds the slot row naming `job` locked, as another statement does
+/// from locking it until it commits. Roll it back to let go.
+pub async fn hold_slot_of(t: &TestApp, job: Uuid) -> deadpool_postgres::Object {
+    let other = t.db.pool.get().await.unwrap();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{job}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    other
+}
+
 pub fn job_message(id: Uuid) -> String {
     serde_json::json!({ "jobId": id }).to_string()
 }

@@ -181,11 +181,7 @@ async fn a_batch_with_one_bad_record_reports_exactly_that_record() {
         ]),
     )
     .await;
-    let failed: Vec<&str> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.as_str())
-        .collect();
+    let failed = reported(&response);
     assert_eq!(failed, ["poison"]);
     assert_eq!(t.status_of(a).await, "completed");
     assert_eq!(t.status_of(b).await, "completed");
@@ -225,11 +221,7 @@ async fn when_the_database_is_down_the_record_is_reported_for_redelivery() {
         batch(vec![sqs_record("m-1", &job_message(Uuid::now_v7()))]),
     )
     .await;
-    let failed: Vec<&str> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.as_str())
-        .collect();
+    let failed = reported(&response);
     assert_eq!(failed, ["m-1"]);
 }
 
@@ -264,11 +256,7 @@ async fn a_retry_whose_message_cannot_be_sent_still_hands_its_slot_on_and_keeps_
     assert_eq!(row.get::<_, String>("status"), "queued");
     assert_eq!(row.get::<_, i32>("attempts"), 1);
     // The message that delivered the failed attempt comes back to carry the retry.
-    let failed: Vec<&str> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.as_str())
-        .collect();
+    let failed = reported(&response);
     assert_eq!(failed, ["m-retried"]);
 }
 
@@ -290,11 +278,7 @@ async fn a_job_still_running_as_the_invocation_ends_is_cut_off_and_only_its_reco
     )
     .await;
 
-    let failed: Vec<&str> = response
-        .batch_item_failures
-        .iter()
-        .map(|f| f.item_identifier.as_str())
-        .collect();
+    let failed = reported(&response);
     assert_eq!(failed, ["m-slow"], "the other record's outcome stands");
     // Still held under its lease: the rescuer runs it again once that runs out.
     assert_eq!(t.status_of(slow).await, "processing");
@@ -628,13 +612,7 @@ async fn the_completer_frees_a_completed_jobs_slot_that_another_statement_held_d
     let done = Uuid::now_v7();
     t.insert_job(done, &user("alice", None), "x").await;
     let running = claim(&t, done).await;
-    let other = t.db.pool.get().await.unwrap();
-    other
-        .batch_execute(&format!(
-            "BEGIN; SELECT slot FROM job_slots WHERE job_id = '{done}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
+    let other = hold_slot_of(&t, done).await;
 
     let completing = tokio::spawn(async move {
         completer
