@@ -32,7 +32,7 @@ pub enum WorkerError {
     Batch(#[source] Arc<WorkerError>),
     #[error("the completer has stopped")]
     CompleterGone,
-    #[error("the invocation was about to end; the job was cut off and runs again after its lease")]
+    #[error("the invocation was about to end; the record was cut off (a job it was running runs again after its lease)")]
     OutOfTime,
 }
 
@@ -638,7 +638,7 @@ async fn write_batch(
     // Held through the write: every claim either ended before the look at the bell below (what
     // it found is what was looked at) or starts after this commit and sees the slots and
     // allowances it frees or takes.
-    let _claiming = if wants {
+    let claiming_guard = if wants {
         Some(claiming.lock().await)
     } else {
         None
@@ -677,6 +677,9 @@ async fn write_batch(
             if let (Some(bell), Some(token)) = (bell, token) {
                 bell.after_claim(token, Some(line.left_waiting));
             }
+            // The round has committed: claims may go on while the stranded slots' holder is
+            // waited for below.
+            drop(claiming_guard);
             if !stranded.is_empty() {
                 // Best effort: a slot left held frees itself when its lease runs out.
                 match jobs::free_stranded(&conn, &stranded).await {

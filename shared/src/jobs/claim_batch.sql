@@ -8,7 +8,8 @@
 -- more than its $20-slot allowance. $18 is the lease in seconds.
 -- The completed jobs' slots go straight to the next jobs, one write each instead of a release
 -- and a take, and whatever is not given away is freed here. Their jobs count against no user's
--- allowance. Every row it will change is locked up front with SKIP LOCKED, so a claim never
+-- allowance, except a slot another statement holds locked: neither handed on nor freed here, it
+-- still counts, and is returned as `stranded` for the caller to free after the commit. Every row it will change is locked up front with SKIP LOCKED, so a claim never
 -- waits for a row another statement holds: a job or slot someone else holds is simply left for
 -- the next claim. (The exception: the completions, locked in id order as completions.sql says,
 -- before anything else.) Where an allowance can bind it waits for its users' locks

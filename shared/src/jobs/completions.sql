@@ -3,7 +3,8 @@
 -- exactly as in complete.sql, and its media are written only if its completion applies; a job
 -- whose attempt is no longer current is left as it is. `done` names the jobs whose completion
 -- applied. Their slots are left to what follows: complete_batch.sql frees them, and
--- claim_batch.sql hands them straight to the next jobs in line.
+-- claim_batch.sql hands them straight to the next jobs in line (or names those it could not
+-- lock, for its caller to free).
 -- $1 job ids, $2 their attempts, $3 credits; $4..$14 their media, as columns; $15 the model.
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::int4[], $3::int4[]) AS i(id, attempt, credits)

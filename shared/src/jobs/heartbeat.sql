@@ -4,10 +4,15 @@
 -- The slot is locked first: a claim giving this job's expired slot to another job holds that
 -- row until it commits, and the renewal then waits for it and sees who holds the slot. (Read
 -- unlocked, the slot still named this job in the snapshot, the job's lease was renewed, and the
--- worker carried on beside the slot's new job.) A deadlock with a statement that locks the job
--- first is retried by the caller, as for every transition.
+-- worker carried on beside the slot's new job.) Only for the current attempt: an earlier one's
+-- heartbeat locks nothing. A deadlock with a statement that locks the job first (a completion,
+-- the rescuer) is retried by each caller.
 WITH held AS (
-    SELECT slot FROM job_slots WHERE job_id = $1 FOR UPDATE
+    SELECT slot FROM job_slots
+    WHERE job_id = $1
+      AND EXISTS (SELECT 1 FROM generation_jobs
+                  WHERE id = $1 AND attempts = $2 AND (status = 'processing') IS TRUE)
+    FOR UPDATE
 ), job AS (
     UPDATE generation_jobs
     SET progress = GREATEST(progress, $3),

@@ -770,10 +770,9 @@ pub async fn rescue_requeue(
     let stmt = db
         .prepare_cached(include_str!("rescue_requeue.sql"))
         .await?;
-    Ok(db
-        .query_opt(&stmt, &[&lease.id, &lease.attempts, &error, &run_after])
-        .await?
-        .is_some())
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&lease.id, &lease.attempts, &error, &run_after];
+    Ok(retrying(|| db.query_opt(&stmt, params)).await?.is_some())
 }
 
 /// Fails a job whose last allowed attempt lost its lease.
@@ -783,10 +782,9 @@ pub async fn rescue_fail(
     error: &str,
 ) -> Result<bool, JobsError> {
     let stmt = db.prepare_cached(include_str!("rescue_fail.sql")).await?;
-    Ok(db
-        .query_opt(&stmt, &[&lease.id, &lease.attempts, &error])
-        .await?
-        .is_some())
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&lease.id, &lease.attempts, &error];
+    Ok(retrying(|| db.query_opt(&stmt, params)).await?.is_some())
 }
 
 /// Marks and returns up to `limit` queued jobs whose message must be sent again (the outbox).

@@ -262,11 +262,11 @@ async fn a_retry_whose_message_cannot_be_sent_still_hands_its_slot_on_and_keeps_
 
 #[tokio::test]
 async fn a_job_still_running_as_the_invocation_ends_is_cut_off_and_only_its_record_is_reported() {
-    // Every job takes 30 s; the invocation has 4 s left.
-    let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_secs(30)).await;
+    // Every job takes a minute; the invocation has 13 s left, 10 s before it is cut off.
+    let t = TestApp::with(|_| Dispatcher::embedded(), Duration::from_secs(60)).await;
     let slow = Uuid::now_v7();
     t.insert_job(slow, &user("alice", None), "slow").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let deadline = std::time::Instant::now() + Duration::from_secs(13);
 
     let response = shared::worker::handle_sqs_until(
         &t.app,
@@ -621,18 +621,28 @@ async fn the_completer_frees_a_completed_jobs_slot_that_another_statement_held_d
     });
     // The round commits without the slot; freeing it then waits for the statement holding it.
     let conn = t.db.pool.get().await.unwrap();
+    let holder: i32 = other
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut waited_for = false;
     // Bounded only so that a broken build fails instead of hanging.
-    for _ in 0..500 {
-        let waiting: i64 = conn
-            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+    for _ in 0..1000 {
+        waited_for = conn
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
+                &[&holder],
+            )
             .await
             .unwrap()
             .get(0);
-        if waiting > 0 || completing.is_finished() {
+        if waited_for || completing.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(waited_for, "the completer waits for the slot's holder");
     other.batch_execute("ROLLBACK").await.unwrap();
 
     let (applied, _) = completing.await.unwrap().unwrap();
