@@ -47,6 +47,22 @@ pub async fn handle_schedule(
     app: &App,
     event: EventBridgeEvent<serde_json::Value>,
 ) -> Result<Report, PollerError> {
+    handle_schedule_until(app, event, None).await
+}
+
+/// What a tick keeps of its invocation for its own work after the provider checks: webhooks,
+/// the purge, the counts and the report.
+const TICK_MARGIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// [`handle_schedule`] within an invocation that ends at `deadline`. Provider checks still
+/// under way `TICK_MARGIN` before it are cut off (each job is taken again once its check's
+/// lease runs out): a check held up by a slow provider must not time the whole tick out and
+/// lose its webhooks and its report (whose absence is what `PollerMissingAlarm` watches for).
+pub async fn handle_schedule_until(
+    app: &App,
+    event: EventBridgeEvent<serde_json::Value>,
+    deadline: Option<std::time::Instant>,
+) -> Result<Report, PollerError> {
     let (rescued, rescue_failed) = rescue(app, Utc::now()).await?;
     // Expired leases found this tick: the jobs that were stuck past their lease.
     let expired = rescued + rescue_failed;
@@ -56,11 +72,22 @@ pub async fn handle_schedule(
         crate::queue::Dispatcher::Sqs { .. } => redispatch(app).await?,
     };
     // A provider outage must not stop the rescue and the outbox above from being reported.
-    let provider_checks = match crate::provider::follow(app, app.config.provider.poll_window).await
-    {
-        Ok(n) => n as u32,
-        Err(e) => {
+    let follow = crate::provider::follow(app, app.config.provider.poll_window);
+    let followed = match deadline {
+        Some(end) => {
+            let cut = tokio::time::Instant::from_std(end.checked_sub(TICK_MARGIN).unwrap_or(end));
+            tokio::time::timeout_at(cut, follow).await.ok()
+        }
+        None => Some(follow.await),
+    };
+    let provider_checks = match followed {
+        Some(Ok(n)) => n as u32,
+        Some(Err(e)) => {
             tracing::error!(error = %chain(&e), "checking provider jobs failed");
+            0
+        }
+        None => {
+            tracing::warn!("provider checks still under way were cut off to finish the tick; their jobs are checked again once their checks' leases run out");
             0
         }
     };

@@ -11,7 +11,8 @@ async fn main() -> Result<(), Error> {
     let app = &app;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<EventBridgeEvent<serde_json::Value>>| async move {
-            shared::poller::handle_schedule(app, event.payload)
+            let deadline = shared::worker::invocation_deadline(event.context.deadline);
+            shared::poller::handle_schedule_until(app, event.payload, Some(deadline))
                 .await
                 .map_err(|e| {
                     tracing::error!(error = %shared::telemetry::chain(&e), "poller tick failed");

@@ -877,3 +877,42 @@ async fn a_check_whose_checker_died_lets_the_next_one_take_the_job_once_its_leas
     assert_eq!((status, body["outcome"].as_str()), (200, Some("completed")));
     assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
 }
+
+#[tokio::test]
+async fn a_provider_check_held_up_past_the_ticks_time_is_cut_off_and_the_tick_still_reports() {
+    let p = Provider::start(&[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(93), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    // The provider takes 25 s to answer (within the 30 s request timeout).
+    Mock::given(method("POST"))
+        .and(path("/api/v6/video/fetch/93"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(processing(json!(93), 30))
+                .set_delay(Duration::from_secs(25)),
+        )
+        .mount(&p.ml)
+        .await;
+    p.make_due(id).await;
+    let event = serde_json::from_str(include_str!("../../../events/poller-schedule.json"))
+        .expect("fixture");
+
+    // 20 s of the invocation left: the checks get 5 s of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let report = shared::poller::handle_schedule_until(&p.t.app, event, Some(deadline))
+        .await
+        .unwrap();
+
+    assert_eq!(report.provider_checks, 0, "the check was cut off");
+    assert!(
+        p.t.emitted
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("ActiveJobs")),
+        "the tick still reported"
+    );
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
+}
