@@ -75,7 +75,7 @@ pub async fn handle_schedule_until(
     let follow = crate::provider::follow(app, app.config.provider.poll_window);
     let followed = match deadline {
         Some(end) => {
-            let cut = tokio::time::Instant::from_std(end.checked_sub(TICK_MARGIN).unwrap_or(end));
+            let cut = crate::worker::margin_before(end, TICK_MARGIN);
             tokio::time::timeout_at(cut, follow).await.ok()
         }
         None => Some(follow.await),

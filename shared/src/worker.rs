@@ -85,8 +85,7 @@ pub async fn handle_sqs_until(
     event: SqsEvent,
     deadline: Option<std::time::Instant>,
 ) -> SqsBatchResponse {
-    let answer_by =
-        deadline.map(|d| tokio::time::Instant::from_std(d.checked_sub(ANSWER_MARGIN).unwrap_or(d)));
+    let answer_by = deadline.map(|end| margin_before(end, ANSWER_MARGIN));
     let outcomes = futures::future::join_all(event.records.iter().map(|record| {
         let message_id = record.message_id.clone().unwrap_or_default();
         let span = tracing::info_span!("record", message_id = %message_id, job_id = field::Empty);
@@ -206,6 +205,11 @@ async fn process_record(
             })
         }
     }
+}
+
+/// `margin` before an invocation's `end` (or its end, when less is left), as a timer's instant.
+pub(crate) fn margin_before(end: std::time::Instant, margin: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(end.checked_sub(margin).unwrap_or(end))
 }
 
 /// The instant a Lambda invocation ends, from its context's deadline (ms since the epoch).

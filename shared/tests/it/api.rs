@@ -122,16 +122,7 @@ async fn the_status_route_shows_a_completed_job_with_its_media() {
     let claim = claim(&t, id).await;
     shared::worker::run_claimed(&t.app, claim).await.unwrap();
 
-    let (status, body) = call(
-        &t.app,
-        api_request(
-            "GET",
-            &format!("/api/generate/status/{id}"),
-            Some(&alice),
-            None,
-        ),
-    )
-    .await;
+    let (status, body) = poll_status(&t.app, &alice, id).await;
     assert_eq!(status, 200);
     assert_eq!(body["id"], id.to_string());
     assert_eq!(body["status"], "completed");

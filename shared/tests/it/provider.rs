@@ -739,16 +739,7 @@ async fn a_page_polling_every_100ms_for_10s_makes_only_a_handful_of_provider_che
     let mut polls = 0;
     let mut last_progress = 0;
     while started.elapsed() < Duration::from_secs(10) {
-        let (status, body) = call(
-            &p.t.app,
-            api_request(
-                "GET",
-                &format!("/api/generate/status/{id}"),
-                Some(&owner),
-                None,
-            ),
-        )
-        .await;
+        let (status, body) = poll_status(&p.t.app, &owner, id).await;
         assert_eq!(status, 200);
         assert_eq!(body["status"], "processing");
         let progress = body["progress"].as_i64().unwrap();
@@ -815,16 +806,7 @@ async fn a_check_under_way_keeps_callbacks_and_status_checks_off_the_job_until_i
     )
     .await
     .unwrap();
-    let (status, body) = call(
-        &p.t.app,
-        api_request(
-            "GET",
-            &format!("/api/generate/status/{id}"),
-            Some(&owner),
-            None,
-        ),
-    )
-    .await;
+    let (status, body) = poll_status(&p.t.app, &owner, id).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("processing")));
 
     assert_eq!(poller.await.unwrap(), 1);

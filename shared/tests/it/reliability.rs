@@ -78,16 +78,7 @@ async fn with_one_slot_jobs_start_in_the_promised_order_and_positions_fall_by_on
         let app = t.app.clone();
         let alice = alice.clone();
         async move {
-            let (_, body) = call(
-                &app,
-                api_request(
-                    "GET",
-                    &format!("/api/generate/status/{id}"),
-                    Some(&alice),
-                    None,
-                ),
-            )
-            .await;
+            let (_, body) = poll_status(&app, &alice, id).await;
             body["position"].as_i64()
         }
     };
@@ -994,16 +985,7 @@ async fn positions_counted_from_either_end_of_the_line_agree_with_counting_all_o
             let mut wrong = Vec::new();
             let mut queued = 0;
             for (id, who) in &jobs {
-                let (_, status) = call(
-                    &t.app,
-                    api_request(
-                        "GET",
-                        &format!("/api/generate/status/{id}"),
-                        Some(who),
-                        None,
-                    ),
-                )
-                .await;
+                let (_, status) = poll_status(&t.app, who, *id).await;
                 if status["status"] != "queued" {
                     continue;
                 }

@@ -311,6 +311,16 @@ async fn a_batch_claim_says_whether_it_left_a_due_job_waiting() {
     assert!(again.left_waiting, "and still waits");
 }
 
+/// The claimed job's completion, with one image.
+fn completed(claim: &shared::jobs::Claimed) -> shared::jobs::Completion {
+    shared::jobs::Completion {
+        job_id: claim.job.id,
+        attempt: claim.attempt(),
+        media: vec![image("done")],
+        credits: 1,
+    }
+}
+
 fn image(key: &str) -> shared::jobs::NewMedia {
     shared::jobs::NewMedia {
         id: Uuid::new_v4(),
@@ -1267,22 +1277,13 @@ async fn a_completer_round_does_not_wait_for_its_jobs_slot_that_another_claimer_
     .await
     .unwrap();
     let other = hold_slot_of(&t, job).await;
-    let completion = shared::jobs::Completion {
-        job_id: job,
-        attempt: running.attempt(),
-        media: vec![image("done")],
-        credits: 1,
-    };
+    let completion = completed(&running);
     let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
     let round = tokio::spawn({
         let pool = t.db.pool.clone();
         async move {
             let conn = pool.get().await.unwrap();
-            let pid: i32 = conn
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let pid = backend_pid(&conn).await;
             pid_tx.send(pid).unwrap();
             shared::jobs::complete_and_claim(
                 &conn,
@@ -1345,12 +1346,7 @@ async fn a_completed_jobs_slot_another_statement_holds_still_counts_for_its_user
     // the row locked until it commits.
     let other = hold_slot_of(&t, done).await;
 
-    let completion = shared::jobs::Completion {
-        job_id: done,
-        attempt: running.attempt(),
-        media: vec![image("done")],
-        credits: 1,
-    };
+    let completion = completed(&running);
     let end = shared::jobs::complete_and_claim(
         &conn,
         &[&completion],
@@ -1443,11 +1439,7 @@ async fn a_stalled_job_whose_slot_a_claim_is_handing_on_learns_it_must_stop_once
         let pool = t.db.pool.clone();
         async move {
             let conn = pool.get().await.unwrap();
-            let pid: i32 = conn
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let pid = backend_pid(&conn).await;
             pid_tx.send(pid).unwrap();
             shared::jobs::heartbeat(&conn, &running, 50, Duration::from_secs(60)).await
         }

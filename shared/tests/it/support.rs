@@ -423,6 +423,28 @@ pub async fn call(app: &App, req: Request) -> (u16, serde_json::Value) {
     (status, body)
 }
 
+/// The Postgres backend serving this connection, to watch it from another.
+pub async fn backend_pid(db: &impl deadpool_postgres::GenericClient) -> i32 {
+    db.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The status route's answer to the owner's poll of the job.
+pub async fn poll_status(app: &App, owner: &Identity, id: Uuid) -> (u16, serde_json::Value) {
+    call(
+        app,
+        api_request(
+            "GET",
+            &format!("/api/generate/status/{id}"),
+            Some(owner),
+            None,
+        ),
+    )
+    .await
+}
+
 /// An SQS event carrying these records, as the event source mapping delivers a batch.
 pub fn batch(records: Vec<SqsMessage>) -> lambda_http::aws_lambda_events::sqs::SqsEvent {
     let mut event = lambda_http::aws_lambda_events::sqs::SqsEvent::default();

@@ -52,16 +52,7 @@ async fn an_animation_produces_a_real_video_file() {
     .await;
     let id: Uuid = body["jobId"].as_str().unwrap().parse().unwrap();
     shared::worker::handle_sqs(&t.app, batch(vec![sqs_record("m-1", &job_message(id))])).await;
-    let (_, status) = call(
-        &t.app,
-        api_request(
-            "GET",
-            &format!("/api/generate/status/{id}"),
-            Some(&alice),
-            None,
-        ),
-    )
-    .await;
+    let (_, status) = poll_status(&t.app, &alice, id).await;
     assert_eq!(status["result"]["mimeType"], "video/webm");
     let key = status["result"]["publicUrl"]
         .as_str()
@@ -621,11 +612,7 @@ async fn the_completer_frees_a_completed_jobs_slot_that_another_statement_held_d
     });
     // The round commits without the slot; freeing it then waits for the statement holding it.
     let conn = t.db.pool.get().await.unwrap();
-    let holder: i32 = other
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let holder = backend_pid(&other).await;
     let mut waited_for = false;
     // Bounded only so that a broken build fails instead of hanging.
     for _ in 0..1000 {
