@@ -1075,14 +1075,14 @@ async fn alice_direct_uncommitted(t: &TestApp) -> deadpool_postgres::Object {
     holder
 }
 
-/// Alice's next job, queued (as a plain insert: no admission ran for it).
-async fn alice_queued(t: &TestApp) -> Uuid {
+/// The user's next job, queued (as a plain insert: no admission ran for it).
+async fn queued_for(t: &TestApp, user_id: &str) -> Uuid {
     let id = Uuid::now_v7();
     let conn = t.db.pool.get().await.unwrap();
     conn.execute(
         "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
-         VALUES ($1, 'alice', 'moodboard', gen_random_uuid())",
-        &[&id],
+         VALUES ($1, $2, 'moodboard', gen_random_uuid())",
+        &[&id, &user_id],
     )
     .await
     .unwrap();
@@ -1105,7 +1105,7 @@ async fn two_enqueues_at_once_never_give_one_user_more_slots_than_allowed() {
 async fn a_batch_claim_beside_a_direct_enqueue_keeps_the_users_allowance() {
     let t = TestApp::embedded().await;
     let holder = alice_direct_uncommitted(&t).await;
-    let waiting = alice_queued(&t).await;
+    let waiting = queued_for(&t, "alice").await;
     let claimed = race_an_uncommitted_slot(&t, &holder, |conn| async move {
         shared::jobs::claim_line(&conn, 5, Duration::from_secs(60), ONE_OF_FIVE)
             .await
@@ -1122,7 +1122,7 @@ async fn a_batch_claim_beside_a_direct_enqueue_keeps_the_users_allowance() {
 async fn a_claim_by_id_beside_a_direct_enqueue_keeps_the_users_allowance() {
     let t = TestApp::embedded().await;
     let holder = alice_direct_uncommitted(&t).await;
-    let waiting = alice_queued(&t).await;
+    let waiting = queued_for(&t, "alice").await;
     let claimed = race_an_uncommitted_slot(&t, &holder, |conn| async move {
         shared::jobs::claim_by_id(&conn, waiting, Duration::from_secs(60), ONE_OF_FIVE)
             .await
@@ -1172,7 +1172,7 @@ async fn only_an_allowance_below_the_slot_count_takes_a_users_lock() {
         assert!(enqueue(&conn, &user("alice", None), limits).await.direct);
         assert_eq!(locks_held().await, locks, "enqueue, {plans}, {limits:?}");
     }
-    let waiting = alice_queued(&t).await;
+    let waiting = queued_for(&t, "alice").await;
     for (plans, limits, locks) in cases() {
         conn.batch_execute(&format!("SET plan_cache_mode = {plans}; BEGIN"))
             .await
@@ -1334,14 +1334,7 @@ async fn a_completed_jobs_slot_another_statement_holds_still_counts_for_its_user
     t.insert_job(done, &user("bob", None), "x").await;
     let running = claim(&t, done).await;
     let conn = t.db.pool.get().await.unwrap();
-    let bobs_next = Uuid::now_v7();
-    conn.execute(
-        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
-         VALUES ($1, 'bob', 'moodboard', gen_random_uuid())",
-        &[&bobs_next],
-    )
-    .await
-    .unwrap();
+    let bobs_next = queued_for(&t, "bob").await;
     // A statement that looked at this slot as free found it taken on the re-check, and keeps
     // the row locked until it commits.
     let other = hold_slot_of(&t, done).await;
@@ -1501,16 +1494,9 @@ async fn a_users_job_held_back_by_a_stalled_job_is_not_ahead_of_another_users_jo
         claim(&t, id).await;
     }
     stall(&t, stalled).await;
-    let held_back = alice_queued(&t).await;
-    let bobs = Uuid::now_v7();
+    let held_back = queued_for(&t, "alice").await;
+    let bobs = queued_for(&t, "bob").await;
     let conn = t.db.pool.get().await.unwrap();
-    conn.execute(
-        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
-         VALUES ($1, 'bob', 'moodboard', gen_random_uuid())",
-        &[&bobs],
-    )
-    .await
-    .unwrap();
 
     // The one slot that is free, its lease run out, goes to Bob: Alice's next job is first in
     // line but may not start while her stalled job may still run.
