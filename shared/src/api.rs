@@ -976,6 +976,7 @@ async fn provider_callback(
         Some(crate::provider::Checked::Completed) => "completed",
         Some(crate::provider::Checked::Failed) => "failed",
         Some(crate::provider::Checked::Pending) => "pending",
+        Some(crate::provider::Checked::HandedOff) => "collecting",
         Some(crate::provider::Checked::Superseded) | None => "ignored",
     };
     Ok(json_response(

@@ -3,6 +3,11 @@
 //! one per job every few seconds, however often the page polls) and the provider's callback.
 //! Every check is taken with a guarded UPDATE, and every outcome is a transition fenced by the
 //! attempt, so a repeated callback or two racing checks change the job once.
+//!
+//! A check only asks; fetching a finished job's output can take longer than a status request
+//! (API Gateway's 30 s) or a poller tick may run. Behind SQS, a check that finds the output ready
+//! hands it to a worker with a message, together with the check's hold on the job, and the
+//! worker downloads, stores and completes it. The embedded queue's checks collect it themselves.
 
 use std::time::Duration;
 
@@ -12,8 +17,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    generator::{Check, GenerateError},
+    generator::{Check, GenerateError, GeneratedFile},
     jobs::{self, AwaitingJob, Claimed},
+    queue::Collection,
     telemetry::chain,
     worker::{nudge, WorkerError},
     App,
@@ -34,6 +40,19 @@ pub enum Checked {
     Pending,
     /// The job moved on (cancelled, completed by a racing check) while this one ran.
     Superseded,
+    /// Finished at the provider; a worker collects the output (the check's hold went with it).
+    HandedOff,
+}
+
+/// Where a check's answer comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Asked<'a> {
+    /// Ask the provider.
+    Provider,
+    /// The provider's callback body.
+    Callback(&'a [u8]),
+    /// A check that handed the job on found these outputs ready.
+    Handed(&'a [String]),
 }
 
 /// Progress shown for a job the provider is working on: from 10 at submission, rising linearly
@@ -70,28 +89,33 @@ pub fn next_check_in(eta: Option<Duration>, callbacks: bool) -> Duration {
 /// trying until the deadline fails the job.
 const RETRY_CHECK_IN: Duration = Duration::from_secs(20);
 
-/// Checks one taken job and applies what the provider said. `callback` is the provider's
-/// callback body, when the check was prompted by one.
+/// Checks one taken job and applies what the provider said.
 pub async fn check_job(
     app: &App,
     awaiting: AwaitingJob,
-    callback: Option<&[u8]>,
+    asked: Asked<'_>,
 ) -> Result<Checked, WorkerError> {
     let (job_id, webhook) = (
         awaiting.job.id,
         awaiting.job.params.get("webhookUrl").is_some(),
     );
-    let checked = check_and_settle(app, awaiting, callback).await?;
+    let checked = check_and_settle(app, awaiting, asked).await?;
     if webhook && matches!(checked, Checked::Completed | Checked::Failed) {
         crate::webhooks::deliver_now(app, job_id).await;
     }
     Ok(checked)
 }
 
+/// What a check found, its output fetched.
+enum Found {
+    Files(Vec<GeneratedFile>),
+    Pending { eta: Option<Duration> },
+}
+
 async fn check_and_settle(
     app: &App,
     awaiting: AwaitingJob,
-    callback: Option<&[u8]>,
+    asked: Asked<'_>,
 ) -> Result<Checked, WorkerError> {
     let job_id = awaiting.job.id;
     let now = Utc::now();
@@ -99,7 +123,8 @@ async fn check_and_settle(
         job: awaiting.job.clone(),
         limits: app.config.limits(),
     };
-    if now >= awaiting.deadline {
+    // Output already found ready is collected even if the wait ran out since.
+    if now >= awaiting.deadline && !matches!(asked, Asked::Handed(_)) {
         let minutes = (awaiting.deadline - awaiting.submitted_at).num_seconds() as f64 / 60.0;
         let message = format!(
             "timed out: the provider did not finish within {minutes:.0} minutes (request {})",
@@ -107,31 +132,44 @@ async fn check_and_settle(
         );
         return fail(app, &claim, &message, true).await;
     }
-    let answer = match callback {
-        Some(body) => {
-            app.generator
-                .check_callback(&awaiting.job, &awaiting.external_id, body)
-                .await
-        }
-        None => {
+    let answer = match asked {
+        Asked::Provider => {
             app.generator
                 .check(&awaiting.job, &awaiting.external_id)
                 .await
         }
+        Asked::Callback(body) => {
+            app.generator
+                .check_callback(&awaiting.job, &awaiting.external_id, body)
+                .await
+        }
+        Asked::Handed(outputs) => Ok(Check::Ready(outputs.to_vec())),
     };
-    let conn = app.pool.get().await?;
-    match answer {
-        Ok(Check::Done(files)) if files.is_empty() => {
-            drop(conn);
-            fail(
+    let found = match answer {
+        Ok(Check::Ready(outputs)) if outputs.is_empty() => {
+            return fail(
                 app,
                 &claim,
                 "the provider finished without any media",
                 false,
             )
-            .await
+            .await;
         }
-        Ok(Check::Done(files)) => {
+        Ok(Check::Ready(outputs)) => {
+            if !matches!(asked, Asked::Handed(_)) && hand_off(app, &awaiting, &outputs).await {
+                return Ok(Checked::HandedOff);
+            }
+            app.generator
+                .collect(&awaiting.job, &outputs)
+                .await
+                .map(Found::Files)
+        }
+        Ok(Check::Pending { eta }) => Ok(Found::Pending { eta }),
+        Err(e) => Err(e),
+    };
+    let conn = app.pool.get().await?;
+    match found {
+        Ok(Found::Files(files)) => {
             let media = match app
                 .store
                 .put(&app.pool, &claim.job, claim.attempt(), &files)
@@ -167,7 +205,7 @@ async fn check_and_settle(
                 Ok(Checked::Superseded)
             }
         }
-        Ok(Check::Pending { eta }) => {
+        Ok(Found::Pending { eta }) => {
             // Progress is judged by the estimate the job had until now, so a later, longer
             // estimate never takes back what the page already showed.
             let progress = estimate_progress(awaiting.submitted_at, awaiting.expected_at, now);
@@ -197,6 +235,56 @@ async fn check_and_settle(
             jobs::check_pending(&conn, &awaiting, 0, None, RETRY_CHECK_IN).await?;
             Ok(Checked::Pending)
         }
+    }
+}
+
+/// Hands the collection of a job found ready to a worker, with this check's hold on the job.
+/// False when it is to be collected here: there is no worker queue, or the message could not
+/// be sent (collecting here is slower but finishes the job; the hold stays this check's).
+async fn hand_off(app: &App, awaiting: &AwaitingJob, outputs: &[String]) -> bool {
+    let collection = Collection {
+        attempt: awaiting.job.attempts,
+        taken_until: awaiting.taken_until,
+        outputs: outputs.to_vec(),
+    };
+    match app.queue.hand_off(awaiting.job.id, collection).await {
+        Ok(handed) => {
+            if handed {
+                tracing::info!(job_id = %awaiting.job.id, "provider job finished; a worker collects it");
+            }
+            handed
+        }
+        Err(e) => {
+            tracing::warn!(job_id = %awaiting.job.id, error = %chain(&e), "could not hand the provider's output to a worker; collecting it here");
+            false
+        }
+    }
+}
+
+/// A worker's share of a hand-off: takes over the check's hold and collects the output. `None`
+/// when the hold is no longer the job's (a repeated message, or the hold ran out and another
+/// check took the job), which then changes nothing.
+pub async fn collect_handed(
+    app: &App,
+    job_id: Uuid,
+    collection: &Collection,
+) -> Result<Option<Checked>, WorkerError> {
+    let taken = {
+        let conn = app.pool.get().await?;
+        jobs::take_handed_check(
+            &conn,
+            job_id,
+            collection.attempt,
+            collection.taken_until,
+            CHECK_LEASE,
+        )
+        .await?
+    };
+    match taken {
+        Some(job) => Ok(Some(
+            check_job(app, job, Asked::Handed(&collection.outputs)).await?,
+        )),
+        None => Ok(None),
     }
 }
 
@@ -231,7 +319,7 @@ pub async fn check_due(app: &App) -> Result<usize, WorkerError> {
         futures::stream::iter(due)
             .for_each_concurrent(CHECK_CONCURRENCY, |job| async move {
                 let id = job.job.id;
-                if let Err(e) = check_job(app, job, None).await {
+                if let Err(e) = check_job(app, job, Asked::Provider).await {
                     // The check's lease runs out and the job is due again.
                     tracing::warn!(job_id = %id, error = %chain(&e), "provider check failed");
                 }
@@ -285,7 +373,7 @@ pub async fn check_on_status(app: &App, id: Uuid) -> Result<Option<Checked>, Wor
         .await?
     };
     match taken {
-        Some(job) => Ok(Some(check_job(app, job, None).await?)),
+        Some(job) => Ok(Some(check_job(app, job, Asked::Provider).await?)),
         None => Ok(None),
     }
 }
@@ -303,7 +391,7 @@ pub async fn on_callback(
         jobs::claim_check(&conn, id, Duration::ZERO, CHECK_LEASE, Some(attempt)).await?
     };
     match taken {
-        Some(job) => Ok(Some(check_job(app, job, Some(body)).await?)),
+        Some(job) => Ok(Some(check_job(app, job, Asked::Callback(body)).await?)),
         None => Ok(None),
     }
 }

@@ -1,6 +1,7 @@
-//! Delivery. Postgres holds the job; the queue only says "look at job X". With `SQS_QUEUE_URL`
-//! set that is an SQS message; without it, the embedded mode wakes the in-process claimer, which
-//! takes work straight from the job table.
+//! Delivery. Postgres holds the job; the queue only says "look at job X" (or, for a provider
+//! job a check found finished, "collect its output"). With `SQS_QUEUE_URL` set that is an SQS
+//! message; without it, the embedded mode wakes the in-process claimer, which takes work
+//! straight from the job table.
 
 use std::{
     sync::{
@@ -25,11 +26,25 @@ pub(crate) fn count_request() {
     SQS_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The one message the queue carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The one message the queue carries: run the job, or, with `collect`, finish it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobMessage {
     pub job_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collect: Option<Collection>,
+}
+
+/// A provider job a check found finished, handed to a worker to download, store and complete:
+/// a worker's invocation has the time for a large download that a status request (API
+/// Gateway's 30 s) or a poller tick does not. `taken_until` names the check's hold on the job,
+/// which the worker takes over; `outputs` are the URLs the provider answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Collection {
+    pub attempt: i32,
+    pub taken_until: chrono::DateTime<chrono::Utc>,
+    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,8 +203,11 @@ impl Dispatcher {
         match self {
             Dispatcher::Sqs { client, queue_url } => {
                 count_request();
-                let body = serde_json::to_string(&JobMessage { job_id })
-                    .expect("a uuid always serialises");
+                let body = serde_json::to_string(&JobMessage {
+                    job_id,
+                    collect: None,
+                })
+                .expect("a uuid always serialises");
                 client
                     .send_message()
                     .queue_url(queue_url)
@@ -209,6 +227,29 @@ impl Dispatcher {
         }
     }
 
+    /// Hands a finished provider job's collection to a worker. False where there is no worker
+    /// queue to hand it to (the embedded queue, whose checks have no time limit): the caller
+    /// collects it itself.
+    pub async fn hand_off(&self, job_id: Uuid, collect: Collection) -> Result<bool, QueueError> {
+        let Dispatcher::Sqs { client, queue_url } = self else {
+            return Ok(false);
+        };
+        count_request();
+        let body = serde_json::to_string(&JobMessage {
+            job_id,
+            collect: Some(collect),
+        })
+        .expect("a job message always serialises");
+        client
+            .send_message()
+            .queue_url(queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(|e| QueueError::Send(Box::new(e)))?;
+        Ok(true)
+    }
+
     /// Asks for several jobs to be run now; returns how many messages were accepted. Used by
     /// the outbox, which tries again later for any that were not.
     pub async fn dispatch_batch(&self, job_ids: &[Uuid]) -> Result<usize, QueueError> {
@@ -221,8 +262,11 @@ impl Dispatcher {
                         .iter()
                         .enumerate()
                         .map(|(i, job_id)| {
-                            let body = serde_json::to_string(&JobMessage { job_id: *job_id })
-                                .expect("a uuid always serialises");
+                            let body = serde_json::to_string(&JobMessage {
+                                job_id: *job_id,
+                                collect: None,
+                            })
+                            .expect("a uuid always serialises");
                             aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
                                 .id(i.to_string())
                                 .message_body(body)

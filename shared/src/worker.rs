@@ -64,6 +64,9 @@ pub enum Outcome {
     Superseded,
     /// The provider accepted the job and finishes it later; checks take it from here.
     Submitted,
+    /// A finished provider job's output, handed on by a check: what collecting it did (`None`:
+    /// the check's hold was no longer the job's, so nothing was done).
+    Collected(Option<crate::provider::Checked>),
 }
 
 /// Handles an SQS batch: each record has its own span and outcome, and only the records that
@@ -178,6 +181,10 @@ async fn process_record(
     let message: JobMessage = serde_json::from_str(record.body.as_deref().unwrap_or(""))
         .map_err(WorkerError::BadMessage)?;
     tracing::Span::current().record("job_id", field::display(message.job_id));
+    if let Some(collection) = &message.collect {
+        let checked = crate::provider::collect_handed(app, message.job_id, collection).await?;
+        return Ok(Outcome::Collected(checked));
+    }
     let claim = {
         let conn = app.pool.get().await?;
         jobs::claim_by_id(

@@ -94,8 +94,12 @@ pub struct Submission {
 /// What a check of a submitted job found. A provider's failure answer is a `Fatal` error.
 #[derive(Debug)]
 pub enum Check {
-    Done(Vec<GeneratedFile>),
-    Pending { eta: Option<Duration> },
+    /// Finished: the output's URLs, fetched by [`Generator::collect`]. A check only reads the
+    /// answer, so that whoever checks need not have the time a download takes.
+    Ready(Vec<String>),
+    Pending {
+        eta: Option<Duration>,
+    },
 }
 
 /// Where the provider may call back when a submitted job finishes.
@@ -128,6 +132,18 @@ pub trait Generator: Send + Sync {
 
     /// Asks the provider about a job it accepted earlier.
     async fn check(&self, _job: &Job, _external_id: &str) -> Result<Check, GenerateError> {
+        Err(GenerateError::Fatal(format!(
+            "the {} generator does not run long jobs",
+            self.model()
+        )))
+    }
+
+    /// Fetches the output a check found ready.
+    async fn collect(
+        &self,
+        _job: &Job,
+        _outputs: &[String],
+    ) -> Result<Vec<GeneratedFile>, GenerateError> {
         Err(GenerateError::Fatal(format!(
             "the {} generator does not run long jobs",
             self.model()

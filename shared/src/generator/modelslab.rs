@@ -315,12 +315,10 @@ impl ModelsLab {
         Ok(files)
     }
 
-    async fn settle(&self, job: &Job, reading: Reading) -> Result<Check, GenerateError> {
+    fn settle(reading: Reading) -> Check {
         match reading {
-            Reading::Success(urls) => {
-                Ok(Check::Done(self.download_all(job.job_type, &urls).await?))
-            }
-            Reading::Processing { eta, .. } => Ok(Check::Pending { eta }),
+            Reading::Success(urls) => Check::Ready(urls),
+            Reading::Processing { eta, .. } => Check::Pending { eta },
         }
     }
 }
@@ -375,7 +373,15 @@ impl Generator for ModelsLab {
         let reading = self
             .post(&path, &json!({ "key": self.config.api_key.expose() }))
             .await?;
-        self.settle(job, reading).await
+        Ok(Self::settle(reading))
+    }
+
+    async fn collect(
+        &self,
+        job: &Job,
+        outputs: &[String],
+    ) -> Result<Vec<GeneratedFile>, GenerateError> {
+        self.download_all(job.job_type, outputs).await
     }
 
     async fn check_callback(
@@ -385,7 +391,7 @@ impl Generator for ModelsLab {
         body: &[u8],
     ) -> Result<Check, GenerateError> {
         match read(200, body) {
-            Ok(reading) => self.settle(job, reading).await,
+            Ok(reading) => Ok(Self::settle(reading)),
             // A callback we cannot read is not the provider's verdict: ask it directly.
             Err(GenerateError::Retryable(_)) => self.check(job, external_id).await,
             Err(fatal) => Err(fatal),

@@ -182,6 +182,8 @@ pub struct AwaitingJob {
     pub submitted_at: DateTime<Utc>,
     pub expected_at: DateTime<Utc>,
     pub deadline: DateTime<Utc>,
+    /// Until when this check holds the job: also what names this hold, for a hand-off.
+    pub taken_until: DateTime<Utc>,
 }
 
 /// How a submitted job is to be followed.
@@ -899,6 +901,24 @@ pub async fn claim_check(
     row.as_ref().map(awaiting_from_row).transpose()
 }
 
+/// Takes over the check handed on with the hold `taken_until` (see [`AwaitingJob`]), holding
+/// the job for `lease` more; `None` once that hold is no longer the job's.
+pub async fn take_handed_check(
+    db: &impl GenericClient,
+    id: Uuid,
+    attempt: i32,
+    taken_until: DateTime<Utc>,
+    lease: Duration,
+) -> Result<Option<AwaitingJob>, JobsError> {
+    let stmt = db
+        .prepare_cached(include_str!("take_handed_check.sql"))
+        .await?;
+    let row = db
+        .query_opt(&stmt, &[&id, &attempt, &taken_until, &lease.as_secs_f64()])
+        .await?;
+    row.as_ref().map(awaiting_from_row).transpose()
+}
+
 /// The provider is still working: records progress and its latest estimate, and when to ask
 /// again. False when the job has moved on meanwhile.
 pub async fn check_pending(
@@ -969,6 +989,7 @@ fn awaiting_from_row(row: &Row) -> Result<AwaitingJob, JobsError> {
         submitted_at: row.try_get("submitted_at")?,
         expected_at: row.try_get("provider_expected_at")?,
         deadline: row.try_get("provider_deadline")?,
+        taken_until: row.try_get("check_taken_until")?,
     })
 }
 

@@ -134,6 +134,19 @@ async fn the_sqs_fixture_runs_its_job_through_the_worker() {
 }
 
 #[tokio::test]
+async fn the_collect_fixture_is_read_and_changes_nothing_once_its_hold_is_gone() {
+    let t = TestApp::embedded().await;
+    let id: Uuid = FIXTURE_JOB.parse().unwrap();
+    t.insert_job(id, &user("user-a", Some("tenant-x")), "fixture")
+        .await;
+    let event: SqsEvent = serde_json::from_str(&fixture("worker-collect.json")).unwrap();
+    let response = shared::worker::handle_sqs(&t.app, event).await;
+    // Read (not poison), acknowledged, and the job, which no check holds, is left as it was.
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(t.status_of(id).await, "queued");
+}
+
+#[tokio::test]
 async fn the_schedule_fixture_runs_the_poller() {
     let t = TestApp::embedded().await;
     t.insert_job(Uuid::now_v7(), &user("user-a", None), "x")

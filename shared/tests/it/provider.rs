@@ -28,6 +28,11 @@ const PNG: &[u8] = &[
 ];
 const MP4: &[u8] = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isomfake-video-bytes";
 
+const CALLBACKS: &[(&str, &str)] = &[
+    ("CALLBACK_BASE_URL", "https://jobs.example.com"),
+    ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
+];
+
 pub struct Provider {
     pub t: TestApp,
     pub ml: MockServer,
@@ -60,11 +65,27 @@ impl Provider {
 
     /// With ModelsLab's callbacks on: each job is sent a webhook URL of its own.
     pub async fn with_callbacks() -> Self {
-        Self::start(&[
-            ("CALLBACK_BASE_URL", "https://jobs.example.com"),
-            ("CALLBACK_SECRET", "callback-secret-callback-secret-0123"),
-        ])
-        .await
+        Self::start(CALLBACKS).await
+    }
+
+    /// Behind SQS, as on Lambda: a check that finds a job finished hands its collection to a
+    /// worker through `queue`.
+    pub async fn behind_sqs(queue: &TestQueue, overrides: &[(&str, &str)]) -> Self {
+        let mut p = Self::start(overrides).await;
+        p.t.app.queue = Dispatcher::sqs(queue.client.clone(), queue.url.clone());
+        p
+    }
+
+    /// Hands SQS messages to the worker's handler, as Lambda's event source mapping does.
+    async fn deliver(
+        &self,
+        messages: &[aws_sdk_sqs::types::Message],
+    ) -> lambda_http::aws_lambda_events::sqs::SqsBatchResponse {
+        let records = messages
+            .iter()
+            .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
+            .collect();
+        shared::worker::handle_sqs(&self.t.app, batch(records)).await
     }
 
     /// Serves a file at `/cdn/{name}` the way a CDN does.
@@ -897,4 +918,132 @@ async fn a_provider_check_held_up_past_the_ticks_time_is_cut_off_and_the_tick_st
         "the tick still reported"
     );
     assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
+}
+
+#[tokio::test]
+async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_worker_which_collects_it(
+) {
+    let queue = TestQueue::new().await;
+    let p = Provider::behind_sqs(&queue, &[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(94), 30))
+        .await;
+    let owner = alice();
+    let id = p.animation(&owner).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer(
+        "/api/v6/video/fetch/94",
+        200,
+        success(std::slice::from_ref(&video)),
+    )
+    .await;
+    p.make_due(id).await;
+
+    // The poll asks the provider and answers at once, downloading nothing.
+    let (status, body) = poll_status(&p.t.app, &owner, id).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("processing")));
+    assert_eq!(p.requests_matching("/cdn/").await, 0);
+    let handed = queue.receive().await;
+    assert_eq!(handed.len(), 1);
+    let message: Value = serde_json::from_str(handed[0].body().unwrap()).unwrap();
+    assert_eq!(message["jobId"], id.to_string());
+    assert_eq!(message["collect"]["attempt"], 1);
+    assert_eq!(message["collect"]["outputs"], json!([video]));
+
+    // The worker collects it; the message delivered twice changes nothing the second time.
+    for _ in 0..2 {
+        assert!(reported(&p.deliver(&handed).await).is_empty());
+    }
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i64>("media"), 1);
+    assert_eq!(p.requests_matching("/cdn/").await, 1, "downloaded once");
+    assert_eq!(
+        p.requests_matching("/api/v6/video/fetch/").await,
+        1,
+        "the provider was asked once"
+    );
+    let (_, body) = poll_status(&p.t.app, &owner, id).await;
+    assert_eq!(body["status"], "completed");
+}
+
+#[tokio::test]
+async fn a_hand_off_no_worker_took_in_time_is_handed_again_and_its_late_message_changes_nothing() {
+    let queue = TestQueue::new().await;
+    let p = Provider::behind_sqs(&queue, CALLBACKS).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(95), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    let mut done = success(&[video]);
+    p.answer("/api/v6/video/fetch/95", 200, done.clone()).await;
+
+    // The poller hands the finished job on, but no worker takes it before the hold runs out.
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let late = queue.receive().await;
+    assert_eq!(late.len(), 1);
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET check_taken_until = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+
+    // The provider's callback takes the job now and hands it on again.
+    done["track_id"] = json!(id.to_string());
+    let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("collecting"))
+    );
+    let again = queue.receive().await;
+    assert_eq!(again.len(), 1);
+
+    assert!(reported(&p.deliver(&late).await).is_empty());
+    assert_eq!(
+        p.requests_matching("/cdn/").await,
+        0,
+        "the late message did nothing"
+    );
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
+
+    // The provider's wait runs out before the worker takes it: output found is still collected.
+    conn.execute(
+        "UPDATE generation_jobs SET provider_deadline = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert!(reported(&p.deliver(&again).await).is_empty());
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "completed");
+    assert_eq!(row.get::<_, i64>("media"), 1);
+    assert_eq!(p.requests_matching("/cdn/").await, 1);
+}
+
+#[tokio::test]
+async fn a_finished_job_whose_hand_off_cannot_be_sent_is_collected_by_the_check_itself() {
+    let mut p = Provider::start(&[]).await;
+    // Nothing listens at this SQS endpoint: every send fails.
+    p.t.app.queue = Dispatcher::sqs(
+        sqs_client_for("http://127.0.0.1:9"),
+        "http://127.0.0.1:9/123456789012/jobs".into(),
+    );
+    p.answer("/api/v6/video/img2video", 200, processing(json!(96), 30))
+        .await;
+    let owner = alice();
+    let id = p.animation(&owner).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer("/api/v6/video/fetch/96", 200, success(&[video]))
+        .await;
+    p.make_due(id).await;
+
+    let (status, body) = poll_status(&p.t.app, &owner, id).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("completed")));
+    assert_eq!(p.requests_matching("/cdn/").await, 1);
 }
