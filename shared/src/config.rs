@@ -243,7 +243,7 @@ impl Config {
             GeneratorKind::Simulator => None,
         };
         let downloads = crate::generator::DownloadRules {
-            max_bytes: u64::from(number(&lookup, "DOWNLOAD_MAX_MB", 200, 1..=4096)?) * 1024 * 1024,
+            max_bytes: u64::from(download_max_mb(&lookup)?) * 1024 * 1024,
             timeout: Duration::from_secs(
                 number(&lookup, "DOWNLOAD_TIMEOUT_SECONDS", 120, 1..=900)?.into(),
             ),
@@ -401,6 +401,32 @@ fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<
     }
 }
 
+/// Memory a function needs beside the file it downloads (its own 11-12 MB resident, HTTP and
+/// TLS buffers, the runtime).
+const DOWNLOAD_HEADROOM_MB: u32 = 64;
+
+/// The download cap. A file is held whole in memory until stored, so in a Lambda function
+/// (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, set by Lambda) the default is half of what the function
+/// has beside its headroom, and a cap the function could not hold is refused at start: a
+/// download past the memory would kill the invocation, again on every try, instead of
+/// failing the job with a message that names the limit.
+fn download_max_mb(lookup: &impl Fn(&str) -> Option<String>) -> Result<u32, ConfigError> {
+    let memory = number(lookup, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0, 128..=10_240)
+        .ok()
+        .filter(|&mb| mb > 0);
+    let room = memory.map(|mb| mb.saturating_sub(DOWNLOAD_HEADROOM_MB).max(1));
+    let default = room.map_or(200, |room| (room / 2).clamp(1, 200));
+    let cap = number(lookup, "DOWNLOAD_MAX_MB", default, 1..=4096)?;
+    if room.is_some_and(|room| cap > room) {
+        return Err(ConfigError::Invalid {
+            name: "DOWNLOAD_MAX_MB",
+            value: cap.to_string(),
+            reason: "more than the function's memory can hold beside 64 MB of headroom: raise its MemorySize or lower the cap",
+        });
+    }
+    Ok(cap)
+}
+
 fn number(
     lookup: &impl Fn(&str) -> Option<String>,
     name: &'static str,
@@ -475,6 +501,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("MAX_CONCURRENT_JOBS"));
+    }
+
+    #[test]
+    fn the_download_cap_fits_the_functions_memory() {
+        let cap = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("DATABASE_URL", "postgres://x"), ("GENERATOR", "simulator")];
+            all.extend_from_slice(pairs);
+            Config::from_lookup(lookup(&all)).map(|c| c.downloads.max_bytes / (1024 * 1024))
+        };
+        // Outside Lambda: 200 MB unless set.
+        assert_eq!(cap(&[]).unwrap(), 200);
+        assert_eq!(cap(&[("DOWNLOAD_MAX_MB", "500")]).unwrap(), 500);
+        // In a 256 MB function: half of what is left beside the headroom, by default.
+        let lambda = ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256");
+        assert_eq!(cap(&[lambda]).unwrap(), 96);
+        assert_eq!(
+            cap(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")]).unwrap(),
+            200
+        );
+        assert_eq!(cap(&[lambda, ("DOWNLOAD_MAX_MB", "150")]).unwrap(), 150);
+        // A cap the function could not hold is refused at start, naming the setting.
+        let err = cap(&[lambda, ("DOWNLOAD_MAX_MB", "200")]).unwrap_err();
+        assert!(err.to_string().contains("DOWNLOAD_MAX_MB"), "{err}");
     }
 
     #[test]

@@ -182,7 +182,7 @@ mod tests {
             extension: "png",
             width: None,
             height: None,
-            bytes: bytes.to_vec(),
+            bytes: bytes.to_vec().into(),
         }
     }
 

@@ -81,7 +81,7 @@ impl Generator for Noop {
             extension: "png",
             width: Some(1),
             height: Some(1),
-            bytes: vec![0u8; 16],
+            bytes: vec![0u8; 16].into(),
         }]))
     }
 }

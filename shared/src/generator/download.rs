@@ -160,7 +160,9 @@ impl Downloader {
         {
             return Err(too_big());
         }
-        let mut bytes = Vec::new();
+        // Sized once from the declared length (already checked against the cap), so that a
+        // large file is not copied as its buffer grows.
+        let mut bytes = Vec::with_capacity(response.content_length().unwrap_or(0) as usize);
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
@@ -190,7 +192,7 @@ impl Downloader {
             extension,
             width: None,
             height: None,
-            bytes,
+            bytes: bytes.into(),
         })
     }
 }

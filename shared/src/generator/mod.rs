@@ -49,7 +49,8 @@ pub struct GeneratedFile {
     pub extension: &'static str,
     pub width: Option<i32>,
     pub height: Option<i32>,
-    pub bytes: Vec<u8>,
+    /// Shared, not copied, by whatever sends it on (a Drive upload).
+    pub bytes: bytes::Bytes,
 }
 
 /// Where a generator reports progress (0–100). The worker turns the latest value into a

@@ -98,7 +98,7 @@ impl Simulator {
                 extension: "webm",
                 width: Some(128),
                 height: Some(128),
-                bytes: SAMPLE_VIDEO.to_vec(),
+                bytes: bytes::Bytes::from_static(SAMPLE_VIDEO),
             }]),
         }
     }
@@ -142,6 +142,6 @@ fn png(seed: u64) -> Result<GeneratedFile, GenerateError> {
         extension: "png",
         width: Some(size as i32),
         height: Some(size as i32),
-        bytes: out.into_inner(),
+        bytes: out.into_inner().into(),
     })
 }
