@@ -113,6 +113,17 @@ pub struct Config {
     /// Completion webhooks to clients; without WEBHOOK_SECRET, requests naming a webhookUrl
     /// are refused.
     pub webhooks: Option<crate::webhooks::WebhookSettings>,
+    /// How long the poller keeps what is finished.
+    pub retention: Retention,
+}
+
+/// Days before the poller deletes what is finished; `None` keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Settled jobs (JOB_RETENTION_DAYS; kept by default: they are users' history).
+    pub jobs: Option<u32>,
+    /// Delivered or abandoned completion webhooks (WEBHOOK_RETENTION_DAYS, 7).
+    pub webhooks: Option<u32>,
 }
 
 /// Credits per job type (`JOB_CREDITS=character-image=1,moodboard=4,animation=10`).
@@ -196,6 +207,7 @@ impl std::fmt::Debug for Config {
             .field("provider", &self.provider)
             .field("media_store", &self.media_store)
             .field("webhooks", &self.webhooks)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -372,6 +384,12 @@ impl Config {
                     })
                 }
                 None => None,
+            },
+            retention: Retention {
+                jobs: Some(number(&lookup, "JOB_RETENTION_DAYS", 0, 0..=36_500)?)
+                    .filter(|&d| d > 0),
+                webhooks: Some(number(&lookup, "WEBHOOK_RETENTION_DAYS", 7, 0..=36_500)?)
+                    .filter(|&d| d > 0),
             },
         })
     }

@@ -41,6 +41,9 @@ pub struct Report {
     pub provider_checks: u32,
     /// Completion webhooks delivered (first tries that failed, and events of rescued jobs).
     pub webhooks_delivered: u32,
+    /// Settled jobs and settled webhook events deleted, being past their retention.
+    pub purged_jobs: u32,
+    pub purged_webhooks: u32,
 }
 
 pub async fn handle_schedule(
@@ -103,6 +106,7 @@ pub async fn handle_schedule_until(
     if purged > 0 {
         tracing::info!(purged, "expired idempotency keys deleted");
     }
+    let (purged_jobs, purged_webhooks) = purge_past_retention(app, &conn).await;
     let counts = jobs::count_by_status(&conn).await?;
     let report = Report {
         jobs: counts
@@ -114,6 +118,8 @@ pub async fn handle_schedule_until(
         redispatched,
         provider_checks,
         webhooks_delivered,
+        purged_jobs,
+        purged_webhooks,
     };
     app.metrics.poller_tick(&crate::metrics::PollerTick {
         active: report.jobs.get("processing").copied().unwrap_or(0),
@@ -129,6 +135,45 @@ pub async fn handle_schedule_until(
         "poller tick"
     );
     Ok(report)
+}
+
+/// Rows deleted per tick at most, by each purge; the rest wait for the next tick.
+const PURGE_BATCH: i64 = 1_000;
+
+/// Deletes settled jobs and webhook events past their retention. A failure is logged and left
+/// to the next tick: it must not cost this one its counts and report.
+async fn purge_past_retention(app: &App, conn: &deadpool_postgres::Object) -> (u32, u32) {
+    let retention = app.config.retention;
+    let mut jobs = 0;
+    if let Some(days) = retention.jobs {
+        match jobs::purge_settled(conn, days, PURGE_BATCH).await {
+            Ok(purged) => {
+                app.store.remove_local(&purged.local_keys).await;
+                jobs = purged.jobs as u32;
+                if jobs > 0 {
+                    tracing::info!(jobs, days, "settled jobs past their retention deleted");
+                }
+            }
+            Err(e) => tracing::error!(error = %chain(&e), "purging settled jobs failed"),
+        }
+    }
+    let mut webhooks = 0;
+    if let Some(days) = retention.webhooks {
+        match crate::webhooks::purge(conn, days, PURGE_BATCH).await {
+            Ok(n) => {
+                webhooks = n as u32;
+                if webhooks > 0 {
+                    tracing::info!(
+                        webhooks,
+                        days,
+                        "settled webhook events past their retention deleted"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %chain(&e), "purging webhook events failed"),
+        }
+    }
+    (jobs, webhooks)
 }
 
 /// What to do with a job whose lease expired.

@@ -98,6 +98,16 @@ impl MediaStore {
         }
     }
 
+    /// Removes locally stored files by key (purged jobs' media). A Drive store keeps nothing
+    /// locally, and a user's Drive files are the user's: nothing to do there.
+    pub async fn remove_local(&self, keys: &[String]) {
+        if let MediaStore::Local(store) = self {
+            for key in keys {
+                let _ = tokio::fs::remove_file(store.dir.join(key)).await;
+            }
+        }
+    }
+
     pub fn is_drive(&self) -> bool {
         matches!(self, MediaStore::GoogleDrive(_))
     }

@@ -1128,6 +1128,28 @@ pub async fn media_for_job(db: &impl GenericClient, job_id: Uuid) -> Result<Vec<
         .collect()
 }
 
+/// What a purge of settled jobs removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Purged {
+    pub jobs: i64,
+    /// Storage keys of the locally stored files of the jobs' media, for the store to remove.
+    pub local_keys: Vec<String>,
+}
+
+/// Deletes up to `limit` jobs settled and created more than `days` ago, with their media rows.
+pub async fn purge_settled(
+    db: &impl GenericClient,
+    days: u32,
+    limit: i64,
+) -> Result<Purged, JobsError> {
+    let stmt = db.prepare_cached(include_str!("purge_settled.sql")).await?;
+    let row = db.query_one(&stmt, &[&(days as i32), &limit]).await?;
+    Ok(Purged {
+        jobs: row.try_get("jobs")?,
+        local_keys: row.try_get("local_keys")?,
+    })
+}
+
 pub async fn count_by_status(
     db: &impl GenericClient,
 ) -> Result<HashMap<JobStatus, i64>, JobsError> {

@@ -42,6 +42,12 @@ pub enum WebhookError {
     Jobs(#[from] crate::jobs::JobsError),
 }
 
+/// Deletes up to `limit` events delivered or given up more than `days` ago; returns how many.
+pub async fn purge(db: &impl GenericClient, days: u32, limit: i64) -> Result<u64, WebhookError> {
+    let stmt = db.prepare_cached(include_str!("purge.sql")).await?;
+    Ok(db.execute(&stmt, &[&(days as i32), &limit]).await?)
+}
+
 /// Why a URL may not be called.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

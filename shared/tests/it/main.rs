@@ -11,6 +11,7 @@ mod provider;
 mod queue;
 mod reliability;
 mod repository;
+mod retention;
 mod support;
 mod template;
 mod webhooks;
