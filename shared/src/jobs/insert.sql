@@ -11,29 +11,27 @@
 -- slot), which saves a statement and a commit before it starts. started_at says so.
 -- Abuse limits come first: a user who created $11 jobs in the last minute, or has $12 queued,
 -- gets no row inserted; recent_jobs and recent_oldest then say which limit and for how long.
--- A limit of 0 is off, and then its count is not even made.
-WITH recent AS (
-    SELECT count(*) AS n, min(created_at) AS oldest FROM (
-        SELECT created_at FROM generation_jobs
-        WHERE $11::int8 > 0 AND user_id = $2 AND created_at > now() - interval '60 seconds'
-        ORDER BY created_at DESC LIMIT $11) r
-), mine_queued AS (
-    -- No LIMIT: with one, a generic plan guesses a tenth of the table and scans it all. The
-    -- status test names the user's in-flight index and no queued-only one: with statistics
-    -- taken while few jobs were queued, a plan would otherwise walk every queued job for this
-    -- user's few (measured: all 1,980 queued jobs, on every enqueue).
-    SELECT count(*) AS n FROM generation_jobs
-    WHERE $12::int8 > 0 AND user_id = $2
-      AND status IN ('queued', 'processing') AND (status = 'queued') IS TRUE
+-- A limit of 0 is off. Where one is on, the user's counts and last place in line are taken
+-- under the user's lock, in a snapshot of their own (V17), so that requests of one user
+-- arriving together are counted one after another; with both off the function is not called.
+-- In user_quota_locked's counts, no LIMIT on the queued one: with one, a generic plan guesses
+-- a tenth of the table and scans it all. Its status test names the user's in-flight index and
+-- no queued-only one: with statistics taken while few jobs were queued, a plan would otherwise
+-- walk every queued job for this user's few (measured: all 1,980 queued jobs, on every enqueue).
+WITH quota AS MATERIALIZED (
+    SELECT * FROM user_quota_locked($2, $11::int8, $12::int8) WHERE $11::int8 > 0 OR $12::int8 > 0
 ), allowed AS (
-    SELECT ($11 = 0 OR (SELECT n FROM recent) < $11) AND ($12 = 0 OR (SELECT n FROM mine_queued) < $12) AS ok
+    SELECT ($11 = 0 OR (SELECT recent_jobs FROM quota) < $11)
+       AND ($12 = 0 OR (SELECT queued FROM quota) < $12) AS ok
 ), head AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued' ORDER BY fair_key, created_at, id LIMIT 1
 ), tail AS (
     SELECT fair_key FROM generation_jobs WHERE status = 'queued'
     ORDER BY fair_key DESC, created_at DESC, id DESC LIMIT 1
 ), user_jobs AS (
-    SELECT max(fair_key) AS last_key FROM generation_jobs WHERE user_id = $2 AND status IN ('queued', 'processing')
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM quota) THEN (SELECT last_key FROM quota)
+                ELSE (SELECT max(fair_key) FROM generation_jobs
+                      WHERE user_id = $2 AND status IN ('queued', 'processing')) END AS last_key
 ), at_limit AS (
     SELECT user_id FROM slots_held_by_user WHERE held >= $10
 ), key AS (
@@ -103,6 +101,6 @@ SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
                  - (SELECT count(*) FROM generation_jobs q
                     WHERE q.status = 'queued' AND q.fair_key > (SELECT fair_key FROM job)
                       AND q.fair_key <= (SELECT fair_key FROM tail)) END AS queued_ahead,
-       (SELECT n FROM recent) AS recent_jobs,
-       (SELECT oldest FROM recent) AS recent_oldest
+       coalesce((SELECT recent_jobs FROM quota), 0) AS recent_jobs,
+       (SELECT recent_oldest FROM quota) AS recent_oldest
 FROM (SELECT 1) one LEFT JOIN job j ON true

@@ -247,6 +247,72 @@ async fn a_user_with_too_many_jobs_waiting_gets_429_until_one_finishes() {
     assert_eq!(jobs_of(&t, "heavy").await, 3);
 }
 
+/// Sends `n` enqueues of one user at once; answers how many were accepted, and the codes of
+/// the refused.
+async fn all_at_once(t: &TestApp, who: &Identity, n: usize) -> (usize, BTreeSet<String>) {
+    let bodies: Vec<String> = (0..n).map(|_| character()).collect();
+    let answers = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|body| enqueue(t, who, "/api/generate/character", body)),
+    )
+    .await;
+    let accepted = answers.iter().filter(|(status, _)| *status == 202).count();
+    let refused = answers
+        .iter()
+        .filter(|(status, _)| *status != 202)
+        .map(|(status, body)| format!("{status} {}", body["error"]["code"].as_str().unwrap_or("")))
+        .collect();
+    (accepted, refused)
+}
+
+#[tokio::test]
+async fn requests_arriving_together_cannot_queue_more_than_the_limit() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[
+            ("MAX_QUEUED_PER_USER", "3"),
+            ("MAX_CONCURRENT_JOBS", "1"),
+            ("DB_POOL_SIZE", "24"),
+        ],
+    )
+    .await;
+    let eager = user("eager", None);
+    let (accepted, refused) = all_at_once(&t, &eager, 24).await;
+    assert_eq!(accepted, 3);
+    assert_eq!(refused, BTreeSet::from(["429 too_many_queued".to_owned()]));
+    assert_eq!(jobs_of(&t, "eager").await, 3);
+}
+
+#[tokio::test]
+async fn requests_arriving_together_cannot_pass_the_rate_limit_and_each_gets_its_own_place() {
+    let t = TestApp::configured(
+        |_| Dispatcher::embedded(),
+        Duration::ZERO,
+        &[
+            ("RATE_LIMIT_PER_MINUTE", "5"),
+            ("MAX_CONCURRENT_JOBS", "1"),
+            ("DB_POOL_SIZE", "24"),
+        ],
+    )
+    .await;
+    let eager = user("eager", None);
+    let (accepted, refused) = all_at_once(&t, &eager, 24).await;
+    assert_eq!(accepted, 5);
+    assert_eq!(refused, BTreeSet::from(["429 rate_limited".to_owned()]));
+    // Fair share orders one user's jobs by their own sequence: no two share a place.
+    let conn = t.db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT count(*), count(DISTINCT fair_key) FROM generation_jobs WHERE user_id = 'eager'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (5, 5));
+}
+
 async fn jobs_of(t: &TestApp, user_id: &str) -> i64 {
     let conn = t.db.pool.get().await.unwrap();
     conn.query_one(
