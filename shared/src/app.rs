@@ -28,6 +28,10 @@ pub struct App {
     /// Set when a local service stops: its workers finish the jobs they hold, but a job's slot
     /// goes to the next in line by a message, not by running that job in this process.
     pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// One provider output collected (held in memory, up to DOWNLOAD_MAX_MB, until stored) at
+    /// a time per process: a worker runs a batch's records at once, and the poller several
+    /// checks.
+    pub collecting: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -76,6 +80,7 @@ impl App {
             metrics: Metrics::from_env(),
             completions: None,
             stopping: Default::default(),
+            collecting: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }

@@ -257,7 +257,7 @@ impl Config {
         let downloads = crate::generator::DownloadRules {
             max_bytes: u64::from(download_max_mb(&lookup)?) * 1024 * 1024,
             timeout: Duration::from_secs(
-                number(&lookup, "DOWNLOAD_TIMEOUT_SECONDS", 120, 1..=900)?.into(),
+                number(&lookup, "DOWNLOAD_TIMEOUT_SECONDS", 90, 1..=900)?.into(),
             ),
             allow_http_hosts: list(&lookup, "DOWNLOAD_ALLOW_HTTP_HOSTS"),
         };
@@ -423,10 +423,11 @@ fn flag(lookup: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<
 /// TLS buffers, the runtime).
 const DOWNLOAD_HEADROOM_MB: u32 = 64;
 
-/// The download cap. A file is held whole in memory until stored, so in a Lambda function
-/// (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, set by Lambda) the default is half of what the function
-/// has beside its headroom, and a cap the function could not hold is refused at start: a
-/// download past the memory would kill the invocation, again on every try, instead of
+/// The download cap, for a job's files together. They are held whole in memory until stored
+/// (one job's at a time per process, `App::collecting`), and an image's upload to Drive copies
+/// it once more, so in a Lambda function (`AWS_LAMBDA_FUNCTION_MEMORY_SIZE`, set by Lambda) the
+/// default is half of what the function has beside its headroom, and a larger cap is refused at
+/// start: a download past the memory would kill the invocation, again on every try, instead of
 /// failing the job with a message that names the limit.
 fn download_max_mb(lookup: &impl Fn(&str) -> Option<String>) -> Result<u32, ConfigError> {
     let memory = number(lookup, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0, 128..=10_240)
@@ -435,11 +436,11 @@ fn download_max_mb(lookup: &impl Fn(&str) -> Option<String>) -> Result<u32, Conf
     let room = memory.map(|mb| mb.saturating_sub(DOWNLOAD_HEADROOM_MB).max(1));
     let default = room.map_or(200, |room| (room / 2).clamp(1, 200));
     let cap = number(lookup, "DOWNLOAD_MAX_MB", default, 1..=4096)?;
-    if room.is_some_and(|room| cap > room) {
+    if room.is_some_and(|room| cap > room / 2) {
         return Err(ConfigError::Invalid {
             name: "DOWNLOAD_MAX_MB",
             value: cap.to_string(),
-            reason: "more than the function's memory can hold beside 64 MB of headroom: raise its MemorySize or lower the cap",
+            reason: "more than half of what the function's memory leaves beside 64 MB of headroom: raise its MemorySize or lower the cap",
         });
     }
     Ok(cap)
@@ -538,9 +539,9 @@ mod tests {
             cap(&[("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")]).unwrap(),
             200
         );
-        assert_eq!(cap(&[lambda, ("DOWNLOAD_MAX_MB", "150")]).unwrap(), 150);
-        // A cap the function could not hold is refused at start, naming the setting.
-        let err = cap(&[lambda, ("DOWNLOAD_MAX_MB", "200")]).unwrap_err();
+        assert_eq!(cap(&[lambda, ("DOWNLOAD_MAX_MB", "50")]).unwrap(), 50);
+        // A cap the function could not hold twice over is refused at start, naming the setting.
+        let err = cap(&[lambda, ("DOWNLOAD_MAX_MB", "97")]).unwrap_err();
         assert!(err.to_string().contains("DOWNLOAD_MAX_MB"), "{err}");
     }
 

@@ -6,8 +6,10 @@
 //!
 //! A check only asks; fetching a finished job's output can take longer than a status request
 //! (API Gateway's 30 s) or a poller tick may run. Behind SQS, a check that finds the output ready
-//! hands it to a worker with a message, together with the check's hold on the job, and the
-//! worker downloads, stores and completes it. The embedded queue's checks collect it themselves.
+//! keeps its URLs on the job and hands it to a worker with a message; the worker downloads,
+//! stores and completes it. Until one has, the job is not asked about again: the poller sends
+//! another message every few minutes, and a failed collection is tried again from the kept
+//! output. The embedded queue's checks collect it themselves.
 
 use std::time::Duration;
 
@@ -40,20 +42,27 @@ pub enum Checked {
     Pending,
     /// The job moved on (cancelled, completed by a racing check) while this one ran.
     Superseded,
-    /// Finished at the provider; a worker collects the output (the check's hold went with it).
+    /// Finished at the provider; a worker collects the output.
     HandedOff,
 }
 
-/// Where a check's answer comes from.
+/// Where a check's answer comes from. A job already found finished (its output kept on it) is
+/// not asked about again, whoever checks it.
 #[derive(Debug, Clone, Copy)]
 pub enum Asked<'a> {
     /// Ask the provider.
     Provider,
     /// The provider's callback body.
     Callback(&'a [u8]),
-    /// A check that handed the job on found these outputs ready.
-    Handed(&'a [String]),
+    /// A worker that took the job handed to it: collect the kept output here.
+    Collector,
 }
+
+/// How long a job handed to a worker waits for one before the poller sends another message:
+/// longer than a message waits in the queue while the workers are busy.
+const RESEND_HANDED_IN: Duration = Duration::from_secs(300);
+/// How long past the provider's deadline a job whose output is ready may still be collected.
+const COLLECT_GRACE: chrono::Duration = chrono::Duration::minutes(30);
 
 /// Progress shown for a job the provider is working on: from 10 at submission, rising linearly
 /// to 90 at the provider's expected finish, then creeping towards 99. Never 100: that is only
@@ -106,9 +115,10 @@ pub async fn check_job(
     Ok(checked)
 }
 
-/// What a check found, its output fetched.
+/// What a check found, its output fetched (held under the process's collecting permit until
+/// it is stored).
 enum Found {
-    Files(Vec<GeneratedFile>),
+    Files(Vec<GeneratedFile>, tokio::sync::OwnedSemaphorePermit),
     Pending { eta: Option<Duration> },
 }
 
@@ -123,27 +133,25 @@ async fn check_and_settle(
         job: awaiting.job.clone(),
         limits: app.config.limits(),
     };
-    // Output already found ready is collected even if the wait ran out since.
-    if now >= awaiting.deadline && !matches!(asked, Asked::Handed(_)) {
-        let minutes = (awaiting.deadline - awaiting.submitted_at).num_seconds() as f64 / 60.0;
-        let message = format!(
-            "timed out: the provider did not finish within {minutes:.0} minutes (request {})",
-            awaiting.external_id
-        );
+    // Output found ready is collected even after the provider's deadline, for a while.
+    if let Some(message) = past_deadline(&awaiting, now) {
         return fail(app, &claim, &message, true).await;
     }
-    let answer = match asked {
-        Asked::Provider => {
+    let answer = match (&awaiting.outputs, asked) {
+        (Some(outputs), _) => Ok(Check::Ready(outputs.clone())),
+        (None, Asked::Provider) => {
             app.generator
                 .check(&awaiting.job, &awaiting.external_id)
                 .await
         }
-        Asked::Callback(body) => {
+        (None, Asked::Callback(body)) => {
             app.generator
                 .check_callback(&awaiting.job, &awaiting.external_id, body)
                 .await
         }
-        Asked::Handed(outputs) => Ok(Check::Ready(outputs.to_vec())),
+        (None, Asked::Collector) => Err(GenerateError::Fatal(
+            "a job handed on to collect kept no output".into(),
+        )),
     };
     let found = match answer {
         Ok(Check::Ready(outputs)) if outputs.is_empty() => {
@@ -156,25 +164,36 @@ async fn check_and_settle(
             .await;
         }
         Ok(Check::Ready(outputs)) => {
-            if !matches!(asked, Asked::Handed(_)) && hand_off(app, &awaiting, &outputs).await {
-                return Ok(Checked::HandedOff);
+            if !matches!(asked, Asked::Collector) {
+                match hand_off(app, &awaiting, &outputs).await? {
+                    HandOff::Sent => return Ok(Checked::HandedOff),
+                    HandOff::MovedOn => return Ok(Checked::Superseded),
+                    HandOff::CollectHere => {}
+                }
             }
+            let permit = app
+                .collecting
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the collecting semaphore is never closed");
             app.generator
                 .collect(&awaiting.job, &outputs)
                 .await
-                .map(Found::Files)
+                .map(|files| Found::Files(files, permit))
         }
         Ok(Check::Pending { eta }) => Ok(Found::Pending { eta }),
         Err(e) => Err(e),
     };
     let conn = app.pool.get().await?;
     match found {
-        Ok(Found::Files(files)) => {
-            let media = match app
+        Ok(Found::Files(files, permit)) => {
+            let stored = app
                 .store
                 .put(&app.pool, &claim.job, claim.attempt(), &files)
-                .await
-            {
+                .await;
+            drop((files, permit));
+            let media = match stored {
                 Ok(media) => media,
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(%job_id, error = %chain(&e), "could not store the provider's output; will check again");
@@ -238,32 +257,73 @@ async fn check_and_settle(
     }
 }
 
-/// Hands the collection of a job found ready to a worker, with this check's hold on the job.
-/// False when it is to be collected here: there is no worker queue, or the message could not
-/// be sent (collecting here is slower but finishes the job; the hold stays this check's).
-async fn hand_off(app: &App, awaiting: &AwaitingJob, outputs: &[String]) -> bool {
+/// Why a job fails as timed out now, if it does: the provider did not finish by its deadline,
+/// or, for output found ready, it could not be collected within the grace after it.
+fn past_deadline(awaiting: &AwaitingJob, now: chrono::DateTime<Utc>) -> Option<String> {
+    let request = &awaiting.external_id;
+    if awaiting.outputs.is_some() {
+        (now >= awaiting.deadline + COLLECT_GRACE).then(|| {
+            format!(
+                "timed out: the provider's finished output could not be collected within {} minutes of its deadline (request {request})",
+                COLLECT_GRACE.num_minutes()
+            )
+        })
+    } else {
+        (now >= awaiting.deadline).then(|| {
+            let minutes = (awaiting.deadline - awaiting.submitted_at).num_seconds() as f64 / 60.0;
+            format!("timed out: the provider did not finish within {minutes:.0} minutes (request {request})")
+        })
+    }
+}
+
+/// What became of a hand-off.
+enum HandOff {
+    Sent,
+    /// There is no worker queue, or the message could not be sent: collecting here is slower
+    /// but finishes the job.
+    CollectHere,
+    /// The job was cancelled or finished meanwhile.
+    MovedOn,
+}
+
+/// Hands the collection of a job found ready to a worker: keeps the output on the job, lets go
+/// of it, then sends a worker a message.
+async fn hand_off(
+    app: &App,
+    awaiting: &AwaitingJob,
+    outputs: &[String],
+) -> Result<HandOff, WorkerError> {
+    if !app.queue.is_sqs() {
+        return Ok(HandOff::CollectHere);
+    }
+    let job_id = awaiting.job.id;
+    // Also when it was handed before and no worker has collected it since: the poller then
+    // sends another message, and sets when to send the next.
+    let kept = {
+        let conn = app.pool.get().await?;
+        jobs::handed(&conn, awaiting, outputs, RESEND_HANDED_IN).await?
+    };
+    if !kept {
+        return Ok(HandOff::MovedOn);
+    }
     let collection = Collection {
         attempt: awaiting.job.attempts,
-        taken_until: awaiting.taken_until,
-        outputs: outputs.to_vec(),
     };
-    match app.queue.hand_off(awaiting.job.id, collection).await {
-        Ok(handed) => {
-            if handed {
-                tracing::info!(job_id = %awaiting.job.id, "provider job finished; a worker collects it");
-            }
-            handed
+    match app.queue.hand_off(job_id, collection).await {
+        Ok(_) => {
+            tracing::info!(%job_id, "provider job finished; a worker collects it");
+            Ok(HandOff::Sent)
         }
         Err(e) => {
-            tracing::warn!(job_id = %awaiting.job.id, error = %chain(&e), "could not hand the provider's output to a worker; collecting it here");
-            false
+            tracing::warn!(%job_id, error = %chain(&e), "could not hand the provider's output to a worker; collecting it here");
+            Ok(HandOff::CollectHere)
         }
     }
 }
 
-/// A worker's share of a hand-off: takes over the check's hold and collects the output. `None`
-/// when the hold is no longer the job's (a repeated message, or the hold ran out and another
-/// check took the job), which then changes nothing.
+/// A worker's share of a hand-off: takes the job, unless a collection holds it, and collects
+/// the kept output. `None` when another collection holds it or the job has moved on, which then
+/// changes nothing.
 pub async fn collect_handed(
     app: &App,
     job_id: Uuid,
@@ -271,19 +331,10 @@ pub async fn collect_handed(
 ) -> Result<Option<Checked>, WorkerError> {
     let taken = {
         let conn = app.pool.get().await?;
-        jobs::take_handed_check(
-            &conn,
-            job_id,
-            collection.attempt,
-            collection.taken_until,
-            CHECK_LEASE,
-        )
-        .await?
+        jobs::take_handed_check(&conn, job_id, collection.attempt, CHECK_LEASE).await?
     };
     match taken {
-        Some(job) => Ok(Some(
-            check_job(app, job, Asked::Handed(&collection.outputs)).await?,
-        )),
+        Some(job) => Ok(Some(check_job(app, job, Asked::Collector).await?)),
         None => Ok(None),
     }
 }

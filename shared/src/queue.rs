@@ -37,14 +37,11 @@ pub struct JobMessage {
 
 /// A provider job a check found finished, handed to a worker to download, store and complete:
 /// a worker's invocation has the time for a large download that a status request (API
-/// Gateway's 30 s) or a poller tick does not. `taken_until` names the check's hold on the job,
-/// which the worker takes over; `outputs` are the URLs the provider answered with.
+/// Gateway's 30 s) or a poller tick does not. The output's URLs are kept on the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Collection {
     pub attempt: i32,
-    pub taken_until: chrono::DateTime<chrono::Utc>,
-    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,9 +224,14 @@ impl Dispatcher {
         }
     }
 
+    /// Whether workers take messages from SQS; the embedded queue's have no time limit, so
+    /// its checks collect provider output themselves.
+    pub fn is_sqs(&self) -> bool {
+        matches!(self, Dispatcher::Sqs { .. })
+    }
+
     /// Hands a finished provider job's collection to a worker. False where there is no worker
-    /// queue to hand it to (the embedded queue, whose checks have no time limit): the caller
-    /// collects it itself.
+    /// queue to hand it to (the embedded queue): the caller collects it itself.
     pub async fn hand_off(&self, job_id: Uuid, collect: Collection) -> Result<bool, QueueError> {
         let Dispatcher::Sqs { client, queue_url } = self else {
             return Ok(false);

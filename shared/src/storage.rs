@@ -98,12 +98,18 @@ impl MediaStore {
         }
     }
 
-    /// Removes locally stored files by key (purged jobs' media). A Drive store keeps nothing
-    /// locally, and a user's Drive files are the user's: nothing to do there.
+    /// Removes the folders of locally stored files, by their keys (purged jobs' media: each
+    /// job's files live in a folder of its own, with any a superseded attempt left). A Drive
+    /// store keeps nothing locally, and a user's Drive files are the user's: nothing to do there.
     pub async fn remove_local(&self, keys: &[String]) {
         if let MediaStore::Local(store) = self {
-            for key in keys {
-                let _ = tokio::fs::remove_file(store.dir.join(key)).await;
+            let folders: std::collections::BTreeSet<&str> = keys
+                .iter()
+                .filter_map(|key| key.split_once('/').map(|(folder, _)| folder))
+                .filter(|folder| Uuid::parse_str(folder).is_ok())
+                .collect();
+            for folder in folders {
+                let _ = tokio::fs::remove_dir_all(store.dir.join(folder)).await;
             }
         }
     }

@@ -94,11 +94,12 @@ struct Bench {
 }
 
 async fn bench_app(tag: &str, slots: u32) -> Bench {
-    bench_app_via(tag, slots, SERVER).await
+    bench_app_via(tag, slots, SERVER, false).await
 }
 
-/// A bench app whose pool reaches Postgres at `server` (a [`TripCounter`]'s address).
-async fn bench_app_via(tag: &str, slots: u32, server: &str) -> Bench {
+/// A bench app whose pool reaches Postgres at `server` (a [`TripCounter`]'s address); with
+/// `limits`, the abuse limits at their defaults, as deployed.
+async fn bench_app_via(tag: &str, slots: u32, server: &str, limits: bool) -> Bench {
     let name = format!("mj_bench_{tag}_{}", std::process::id());
     let url = format!("{SERVER}/{name}");
     db::create_database_if_missing(&url)
@@ -121,8 +122,9 @@ async fn bench_app_via(tag: &str, slots: u32, server: &str) -> Bench {
         "MEDIA_DIR" => Some(m.clone()),
         "PUBLIC_BASE_URL" => Some("http://127.0.0.1".into()),
         "DB_POOL_SIZE" => Some("40".into()),
-        // Producers are a handful of users enqueueing thousands of jobs: no abuse limits.
-        "RATE_LIMIT_PER_MINUTE" | "MAX_QUEUED_PER_USER" => Some("0".into()),
+        // Producers are a handful of users enqueueing thousands of jobs: no abuse limits,
+        // unless asked for (then each producer's request is of one of many users).
+        "RATE_LIMIT_PER_MINUTE" | "MAX_QUEUED_PER_USER" if !limits => Some("0".into()),
         _ => None,
     })
     .unwrap();
@@ -307,6 +309,22 @@ async fn enqueue_via_handler(app: &App) -> Uuid {
     assert_eq!(response.status(), 202, "enqueue failed");
     let body: serde_json::Value = serde_json::from_slice(response.body().as_ref()).unwrap();
     body["jobId"].as_str().unwrap().parse().unwrap()
+}
+
+/// How many users the many-users enqueue spreads its requests over.
+const MANY_USERS: u64 = 1_000;
+
+/// One enqueue through the handler as a user picked at random among [`MANY_USERS`].
+async fn enqueue_as_any_user(app: &App, fixture: &serde_json::Value) {
+    let mut request = fixture.clone();
+    request["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = format!(
+        "bench-user-{}",
+        Uuid::new_v4().as_u128() % u128::from(MANY_USERS)
+    )
+    .into();
+    let req = lambda_http::request::from_str(&request.to_string()).unwrap();
+    let response = shared::api::handle(app, req).await;
+    assert_eq!(response.status(), 202, "enqueue failed");
 }
 
 /// The enqueue handler's statement (`shared/src/jobs/insert.sql`, as built) run by pgbench with
@@ -647,6 +665,31 @@ async fn main() {
         b.drop_database().await;
     }
 
+    // ---- the same, the requests spread over many users, abuse limits on ----
+    // Fair share puts a user's first jobs near the head of the line: positions are counted
+    // in the middle of the queue, not at its end as for one user.
+    if phase("enqueue") {
+        eprintln!("enqueue via handler, 10 producers, {MANY_USERS} users...");
+        let b = bench_app_via("enqmany", 5, SERVER, true).await;
+        let app = b.app.clone();
+        let fixture: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        let (mut lat, rate) = load(10, secs, move || {
+            let (app, fixture) = (app.clone(), fixture.clone());
+            async move {
+                enqueue_as_any_user(&app, &fixture).await;
+            }
+        })
+        .await;
+        let (limit, name) = limits.insert_at(10);
+        table.push(format!(
+            "| enqueue, enqueue handler, 10 producers, {MANY_USERS} users, abuse limits on: p50 {} p99 {} | {rate:.0} jobs/s | {} |",
+            ms(lat.p(0.5)),
+            ms(lat.p(0.99)),
+            ratio(rate, limit, &name)
+        ));
+        b.drop_database().await;
+    }
+
     // ---- the enqueue's statement alone, through pgbench ----
     // Between a bare INSERT and the handler: what admission costs in Postgres, and what the
     // handler adds to it.
@@ -871,7 +914,7 @@ async fn main() {
     if phase("trips") {
         eprintln!("round trips per job, at a trickle and draining...");
         let relay = TripCounter::start().await;
-        let b = bench_app_via("trips", 20, &relay.url).await;
+        let b = bench_app_via("trips", 20, &relay.url, false).await;
         let app = b.app.clone();
         let (stop_tx, runner) = start_workers(&app);
         // The first jobs also open pooled connections and prepare statements: not counted.

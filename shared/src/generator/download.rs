@@ -19,7 +19,7 @@ impl Default for DownloadRules {
     fn default() -> Self {
         Self {
             max_bytes: 200 * 1024 * 1024,
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(90),
             allow_http_hosts: Vec::new(),
         }
     }
@@ -94,6 +94,18 @@ impl Downloader {
     }
 
     pub async fn fetch(&self, url: &str, kind: MediaKind) -> Result<GeneratedFile, GenerateError> {
+        self.fetch_within(url, kind, 0).await
+    }
+
+    /// [`Downloader::fetch`] of one of several files held together, `used` bytes of the cap
+    /// already taken by the others.
+    pub async fn fetch_within(
+        &self,
+        url: &str,
+        kind: MediaKind,
+        used: u64,
+    ) -> Result<GeneratedFile, GenerateError> {
+        let max_bytes = self.rules.max_bytes.saturating_sub(used);
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| GenerateError::Fatal(format!("the provider gave a bad URL: {e}")))?;
         if !self.rules.allows(&parsed) {
@@ -148,16 +160,21 @@ impl Downloader {
                 ))
             })?;
         let too_big = || {
-            GenerateError::Fatal(format!(
-                "refused {}: larger than the {} byte limit",
-                redact(&parsed),
-                self.rules.max_bytes
-            ))
+            GenerateError::Fatal(if used == 0 {
+                format!(
+                    "refused {}: larger than the {} byte limit",
+                    redact(&parsed),
+                    self.rules.max_bytes
+                )
+            } else {
+                format!(
+                    "refused {}: with the job's other files, larger than the {} byte limit",
+                    redact(&parsed),
+                    self.rules.max_bytes
+                )
+            })
         };
-        if response
-            .content_length()
-            .is_some_and(|len| len > self.rules.max_bytes)
-        {
+        if response.content_length().is_some_and(|len| len > max_bytes) {
             return Err(too_big());
         }
         // Sized once from the declared length (already checked against the cap), so that a
@@ -166,7 +183,7 @@ impl Downloader {
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    if bytes.len() as u64 + chunk.len() as u64 > self.rules.max_bytes {
+                    if bytes.len() as u64 + chunk.len() as u64 > max_bytes {
                         return Err(too_big());
                     }
                     bytes.extend_from_slice(&chunk);

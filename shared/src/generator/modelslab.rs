@@ -308,9 +308,11 @@ impl ModelsLab {
             JobType::Animation => MediaKind::Video,
             _ => MediaKind::Image,
         };
-        let mut files = Vec::with_capacity(urls.len());
+        // The cap holds for a job's files together: they are all in memory until stored.
+        let mut files: Vec<GeneratedFile> = Vec::with_capacity(urls.len());
         for url in urls {
-            files.push(self.downloader.fetch(url, kind).await?);
+            let used: u64 = files.iter().map(|f| f.bytes.len() as u64).sum();
+            files.push(self.downloader.fetch_within(url, kind, used).await?);
         }
         Ok(files)
     }

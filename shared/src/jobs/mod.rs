@@ -182,8 +182,10 @@ pub struct AwaitingJob {
     pub submitted_at: DateTime<Utc>,
     pub expected_at: DateTime<Utc>,
     pub deadline: DateTime<Utc>,
-    /// Until when this check holds the job: also what names this hold, for a hand-off.
+    /// Until when this check holds the job.
     pub taken_until: DateTime<Utc>,
+    /// The output's URLs, once a check found the job finished and handed it on to collect.
+    pub outputs: Option<Vec<String>>,
 }
 
 /// How a submitted job is to be followed.
@@ -901,20 +903,42 @@ pub async fn claim_check(
     row.as_ref().map(awaiting_from_row).transpose()
 }
 
-/// Takes over the check handed on with the hold `taken_until` (see [`AwaitingJob`]), holding
-/// the job for `lease` more; `None` once that hold is no longer the job's.
+/// Keeps the output a check found ready, for a worker to collect, and when to send it another
+/// message if none has by then. False when the job has moved on meanwhile.
+pub async fn handed(
+    db: &impl GenericClient,
+    job: &AwaitingJob,
+    outputs: &[String],
+    resend_in: Duration,
+) -> Result<bool, JobsError> {
+    let stmt = db.prepare_cached(include_str!("handed.sql")).await?;
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &job.job.id,
+                &job.job.attempts,
+                &outputs,
+                &resend_in.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Takes a job handed to a worker to collect, holding it for `lease`. `None` when another
+/// collection holds it, or the job has moved on.
 pub async fn take_handed_check(
     db: &impl GenericClient,
     id: Uuid,
     attempt: i32,
-    taken_until: DateTime<Utc>,
     lease: Duration,
 ) -> Result<Option<AwaitingJob>, JobsError> {
     let stmt = db
         .prepare_cached(include_str!("take_handed_check.sql"))
         .await?;
     let row = db
-        .query_opt(&stmt, &[&id, &attempt, &taken_until, &lease.as_secs_f64()])
+        .query_opt(&stmt, &[&id, &attempt, &lease.as_secs_f64()])
         .await?;
     row.as_ref().map(awaiting_from_row).transpose()
 }
@@ -990,6 +1014,7 @@ fn awaiting_from_row(row: &Row) -> Result<AwaitingJob, JobsError> {
         expected_at: row.try_get("provider_expected_at")?,
         deadline: row.try_get("provider_deadline")?,
         taken_until: row.try_get("check_taken_until")?,
+        outputs: row.try_get("provider_outputs")?,
     })
 }
 

@@ -1,13 +1,14 @@
--- Deletes up to $2 jobs that settled (completed, failed, cancelled) and were created more than
--- $1 days ago, oldest first, with what belongs to them (media rows, attempt errors, run times,
--- webhook deliveries: ON DELETE CASCADE). Found by a range of the primary key (V16). Answers
+-- Deletes up to $2 jobs that settled (completed, failed, cancelled) more than $1 days ago,
+-- oldest first, with what belongs to them (media rows, attempt errors, run times,
+-- webhook deliveries: ON DELETE CASCADE). A job settles after it was created, so they are
+-- found by a range of the primary key (V16) and then by when they settled. Answers
 -- how many, and the storage keys of their locally stored files for the store to remove; a file
 -- in a user's Google Drive is the user's and stays.
 WITH old AS (
     SELECT id FROM generation_jobs
     WHERE id < uuid_v7_floor(now() - make_interval(days => $1::int4))
-      AND created_at < now() - make_interval(days => $1::int4)
       AND status IN ('completed', 'failed', 'cancelled')
+      AND completed_at < now() - make_interval(days => $1::int4)
     ORDER BY id
     LIMIT $2
     FOR UPDATE SKIP LOCKED

@@ -10,6 +10,7 @@ WITH job AS (
         next_check_at = now() + make_interval(secs => $6),
         checked_at = now(),
         check_taken_until = NULL,
+        provider_outputs = NULL,
         progress = GREATEST(progress, 10),
         lease_expires_at = NULL,
         updated_at = now()

@@ -657,6 +657,32 @@ async fn downloads_that_break_a_rule_fail_the_job_and_store_nothing() {
     }
 }
 
+#[tokio::test]
+async fn the_download_cap_holds_for_a_jobs_files_together() {
+    let p = Provider::start(&[("DOWNLOAD_MAX_MB", "1")]).await;
+    // Each under the cap, together over it: all are held in memory until stored.
+    let part = vec![7u8; 600 * 1024];
+    let urls = vec![
+        p.serve("m0.png", "image/png", &part).await,
+        p.serve("m1.png", "image/png", &part).await,
+    ];
+    p.answer("/api/v6/images/text2img", 200, success(&urls))
+        .await;
+    let id = p
+        .job(
+            &alice(),
+            JobType::Moodboard,
+            json!({ "prompt": "dusk", "count": 2 }),
+        )
+        .await;
+
+    assert_eq!(p.run(id).await, Outcome::Failed);
+    let row = p.row(id).await;
+    let message: String = row.get("error_message");
+    assert!(message.contains("with the job's other files"), "{message}");
+    assert_eq!(row.get::<_, i64>("media"), 0);
+}
+
 /// The webhook URL the provider was given for the job, as it was sent.
 async fn webhook_of(p: &Provider, route: &str) -> (String, Value) {
     let sent = p.requests_to(route).await;
@@ -920,6 +946,32 @@ async fn a_provider_check_held_up_past_the_ticks_time_is_cut_off_and_the_tick_st
     assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
 }
 
+/// The job's kept output and whether a check holds it now.
+async fn handed_state(p: &Provider, id: Uuid) -> (Option<Vec<String>>, bool) {
+    let conn = p.t.db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT provider_outputs, coalesce(check_taken_until > now(), false) FROM generation_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// As if the hold of the check that handed the job on had run out, and the poller's time to
+/// send another message had come.
+async fn let_the_hand_off_lapse(p: &Provider, id: Uuid) {
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET check_taken_until = now() - interval '1 second', \
+                next_check_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_worker_which_collects_it(
 ) {
@@ -930,7 +982,17 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
     let owner = alice();
     let id = p.animation(&owner).await;
     assert_eq!(p.run(id).await, Outcome::Submitted);
-    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    // The finished video downloads slowly.
+    Mock::given(method("GET"))
+        .and(path("/cdn/slow.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_raw(MP4.to_vec(), "video/mp4")
+                .set_delay(Duration::from_secs(2)),
+        )
+        .mount(&p.ml)
+        .await;
+    let video = format!("{}/cdn/slow.mp4", p.ml.uri());
     p.answer(
         "/api/v6/video/fetch/94",
         200,
@@ -943,17 +1005,35 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
     let (status, body) = poll_status(&p.t.app, &owner, id).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("processing")));
     assert_eq!(p.requests_matching("/cdn/").await, 0);
+    assert_eq!(handed_state(&p, id).await.0, Some(vec![video]));
     let handed = queue.receive().await;
     assert_eq!(handed.len(), 1);
     let message: Value = serde_json::from_str(handed[0].body().unwrap()).unwrap();
     assert_eq!(message["jobId"], id.to_string());
     assert_eq!(message["collect"]["attempt"], 1);
-    assert_eq!(message["collect"]["outputs"], json!([video]));
 
-    // The worker collects it; the message delivered twice changes nothing the second time.
-    for _ in 0..2 {
-        assert!(reported(&p.deliver(&handed).await).is_empty());
+    // A worker collects it; the same message delivered again meanwhile finds it held.
+    let collecting = {
+        let (app, handed) = (p.t.app.clone(), handed.clone());
+        tokio::spawn(async move {
+            let records = handed
+                .iter()
+                .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
+                .collect();
+            shared::worker::handle_sqs(&app, batch(records)).await
+        })
+    };
+    let waiting_since = std::time::Instant::now();
+    while p.requests_matching("/cdn/").await == 0 {
+        assert!(
+            waiting_since.elapsed() < Duration::from_secs(20),
+            "never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(reported(&p.deliver(&handed).await).is_empty());
+    assert!(reported(&collecting.await.unwrap()).is_empty());
+
     let row = p.row(id).await;
     assert_eq!(row.get::<_, String>("status"), "completed");
     assert_eq!(row.get::<_, i64>("media"), 1);
@@ -968,7 +1048,8 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
 }
 
 #[tokio::test]
-async fn a_hand_off_no_worker_took_in_time_is_handed_again_and_its_late_message_changes_nothing() {
+async fn a_hand_off_whose_message_comes_late_is_collected_by_the_first_message_to_arrive_even_past_the_deadline(
+) {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, CALLBACKS).await;
     p.answer("/api/v6/video/img2video", 200, processing(json!(95), 30))
@@ -980,49 +1061,115 @@ async fn a_hand_off_no_worker_took_in_time_is_handed_again_and_its_late_message_
     let mut done = success(&[video]);
     p.answer("/api/v6/video/fetch/95", 200, done.clone()).await;
 
-    // The poller hands the finished job on, but no worker takes it before the hold runs out.
+    // The poller hands the finished job on; its message waits behind a busy queue.
     p.make_due(id).await;
     assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let late = queue.receive().await;
-    assert_eq!(late.len(), 1);
-    let conn = p.t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE generation_jobs SET check_taken_until = now() - interval '1 second' WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
+    let first = queue.receive().await;
+    assert_eq!(first.len(), 1);
+    let_the_hand_off_lapse(&p, id).await;
 
-    // The provider's callback takes the job now and hands it on again.
+    // The provider's callback now changes nothing; the poller sends another message without
+    // asking the provider again.
     done["track_id"] = json!(id.to_string());
     let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
-    assert_eq!(
-        (status, body["outcome"].as_str()),
-        (200, Some("collecting"))
-    );
-    let again = queue.receive().await;
-    assert_eq!(again.len(), 1);
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let second = queue.receive().await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(p.requests_matching("/api/v6/video/fetch/").await, 1);
 
-    assert!(reported(&p.deliver(&late).await).is_empty());
-    assert_eq!(
-        p.requests_matching("/cdn/").await,
-        0,
-        "the late message did nothing"
-    );
-    assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
-
-    // The provider's wait runs out before the worker takes it: output found is still collected.
+    // The provider's wait runs out before a worker comes: the output is still collected, by
+    // the late first message; the second then finds the job finished.
+    let conn = p.t.db.pool.get().await.unwrap();
     conn.execute(
-        "UPDATE generation_jobs SET provider_deadline = now() - interval '1 second' WHERE id = $1",
+        "UPDATE generation_jobs SET provider_deadline = now() - interval '1 minute' WHERE id = $1",
         &[&id],
     )
     .await
     .unwrap();
-    assert!(reported(&p.deliver(&again).await).is_empty());
+    assert!(reported(&p.deliver(&first).await).is_empty());
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
+    assert!(reported(&p.deliver(&second).await).is_empty());
     let row = p.row(id).await;
-    assert_eq!(row.get::<_, String>("status"), "completed");
     assert_eq!(row.get::<_, i64>("media"), 1);
     assert_eq!(p.requests_matching("/cdn/").await, 1);
+}
+
+#[tokio::test]
+async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output() {
+    let queue = TestQueue::new().await;
+    let p = Provider::behind_sqs(&queue, &[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(97), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    // The CDN fails the first download.
+    Mock::given(method("GET"))
+        .and(path("/cdn/v.mp4"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&p.ml)
+        .await;
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer("/api/v6/video/fetch/97", 200, success(&[video]))
+        .await;
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let first = queue.receive().await;
+
+    assert!(reported(&p.deliver(&first).await).is_empty());
+    let (outputs, held) = handed_state(&p, id).await;
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "processing");
+    assert!(
+        outputs.is_some() && !held,
+        "the output is kept and the job free"
+    );
+
+    // Due again (the 20 s after a failed try have passed): handed on again, and collected.
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let second = queue.receive().await;
+    assert!(reported(&p.deliver(&second).await).is_empty());
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
+    assert_eq!(p.requests_matching("/cdn/").await, 2);
+    assert_eq!(
+        p.requests_matching("/api/v6/video/fetch/").await,
+        1,
+        "the provider was asked once"
+    );
+}
+
+#[tokio::test]
+async fn output_that_cannot_be_collected_long_past_the_deadline_fails_the_job_saying_so() {
+    let queue = TestQueue::new().await;
+    let p = Provider::behind_sqs(&queue, &[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(98), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer("/api/v6/video/fetch/98", 200, success(&[video]))
+        .await;
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+
+    // No worker ever collects it, well past the provider's deadline.
+    let_the_hand_off_lapse(&p, id).await;
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET provider_deadline = now() - interval '31 minutes' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+
+    let row = p.row(id).await;
+    assert_eq!(row.get::<_, String>("status"), "failed");
+    let error = row.get::<_, Option<String>>("error_message").unwrap();
+    assert!(error.contains("could not be collected"), "{error}");
+    assert_eq!(p.requests_matching("/cdn/").await, 0);
 }
 
 #[tokio::test]

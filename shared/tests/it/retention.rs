@@ -25,8 +25,21 @@ async fn tick(t: &TestApp) -> shared::poller::Report {
         .unwrap()
 }
 
-/// Dates a job's creation `days` back, as if it had been made then.
+/// Dates a job `days` back, as if it had been made (and had run and settled) then.
 async fn date_back(t: &TestApp, id: Uuid, days: i32) {
+    let conn = t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET created_at = created_at - make_interval(days => $2), \
+                started_at = started_at - make_interval(days => $2), \
+                completed_at = completed_at - make_interval(days => $2) WHERE id = $1",
+        &[&id, &days],
+    )
+    .await
+    .unwrap();
+}
+
+/// Dates only a job's creation `days` back.
+async fn created_back(t: &TestApp, id: Uuid, days: i32) {
     let conn = t.db.pool.get().await.unwrap();
     conn.execute(
         "UPDATE generation_jobs SET created_at = created_at - make_interval(days => $2) WHERE id = $1",
@@ -72,10 +85,15 @@ async fn settled_jobs_past_their_retention_are_deleted_with_their_media_and_file
     t.insert_job(recent, &owner, "recent").await;
     t.run_embedded_until_completed(2).await;
     date_back(&t, old, 40).await;
+    // Created long ago but settled only lately: kept until it has been settled that long.
+    let late = id_from_days_ago(40);
+    t.insert_job(late, &owner, "late").await;
+    t.run_embedded_until_completed(3).await;
+    created_back(&t, late, 40).await;
     // Waiting since long ago (a deadline far off): not settled, so kept.
     let old_queued = id_from_days_ago(40);
     t.insert_job(old_queued, &owner, "still queued").await;
-    date_back(&t, old_queued, 40).await;
+    created_back(&t, old_queued, 40).await;
     let (old_files, recent_files) = (media_keys(&t, old).await, media_keys(&t, recent).await);
     assert_eq!((old_files.len(), recent_files.len()), (1, 1));
     assert!(t.media.path().join(&old_files[0]).exists());
@@ -88,11 +106,12 @@ async fn settled_jobs_past_their_retention_are_deleted_with_their_media_and_file
         media_keys(&t, old).await.is_empty(),
         "its media rows went with it"
     );
+    let old_folder = t.media.path().join(old.to_string());
     assert!(
-        !t.media.path().join(&old_files[0]).exists(),
-        "its local file was removed"
+        !old_folder.exists(),
+        "its folder of local files was removed"
     );
-    assert!(exists(&t, recent).await && exists(&t, old_queued).await);
+    assert!(exists(&t, recent).await && exists(&t, old_queued).await && exists(&t, late).await);
     assert!(t.media.path().join(&recent_files[0]).exists());
     assert_eq!(t.status_of(old_queued).await, "queued");
     // Nothing more to delete on the next tick.
