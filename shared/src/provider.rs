@@ -315,8 +315,18 @@ async fn hand_off(
             Ok(HandOff::Sent)
         }
         Err(e) => {
+            // The send may have failed only to our eyes (a lost answer): the job is taken the
+            // way a worker takes it, so that one of the two collects.
             tracing::warn!(%job_id, error = %chain(&e), "could not hand the provider's output to a worker; collecting it here");
-            Ok(HandOff::CollectHere)
+            let conn = app.pool.get().await?;
+            Ok(
+                match jobs::take_handed_check(&conn, job_id, awaiting.job.attempts, CHECK_LEASE)
+                    .await?
+                {
+                    Some(_) => HandOff::CollectHere,
+                    None => HandOff::Sent,
+                },
+            )
         }
     }
 }
