@@ -310,7 +310,7 @@ async fn hand_off(
         attempt: awaiting.job.attempts,
     };
     match app.queue.hand_off(job_id, collection).await {
-        Ok(_) => {
+        Ok(()) => {
             tracing::info!(%job_id, "provider job finished; a worker collects it");
             Ok(HandOff::Sent)
         }

@@ -230,11 +230,11 @@ impl Dispatcher {
         matches!(self, Dispatcher::Sqs { .. })
     }
 
-    /// Hands a finished provider job's collection to a worker. False where there is no worker
-    /// queue to hand it to (the embedded queue): the caller collects it itself.
-    pub async fn hand_off(&self, job_id: Uuid, collect: Collection) -> Result<bool, QueueError> {
+    /// Hands a finished provider job's collection to a worker. The embedded queue carries no
+    /// such message: its checks collect themselves ([`Dispatcher::is_sqs`]).
+    pub async fn hand_off(&self, job_id: Uuid, collect: Collection) -> Result<(), QueueError> {
         let Dispatcher::Sqs { client, queue_url } = self else {
-            return Ok(false);
+            return Ok(());
         };
         count_request();
         let body = serde_json::to_string(&JobMessage {
@@ -249,7 +249,7 @@ impl Dispatcher {
             .send()
             .await
             .map_err(|e| QueueError::Send(Box::new(e)))?;
-        Ok(true)
+        Ok(())
     }
 
     /// Asks for several jobs to be run now; returns how many messages were accepted. Used by

@@ -17,5 +17,4 @@ WHERE j.id = due.id
 RETURNING j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id, j.params, j.status, j.progress,
           j.result_media_id, j.error_message, j.attempts, j.max_attempts, j.created_at,
           j.started_at, j.completed_at, j.external_job_id, j.submitted_at,
-          j.provider_expected_at, j.provider_deadline, j.check_taken_until,
-          j.provider_outputs
+          j.provider_expected_at, j.provider_deadline, j.provider_outputs

@@ -182,8 +182,6 @@ pub struct AwaitingJob {
     pub submitted_at: DateTime<Utc>,
     pub expected_at: DateTime<Utc>,
     pub deadline: DateTime<Utc>,
-    /// Until when this check holds the job.
-    pub taken_until: DateTime<Utc>,
     /// The output's URLs, once a check found the job finished and handed it on to collect.
     pub outputs: Option<Vec<String>>,
 }
@@ -1013,7 +1011,6 @@ fn awaiting_from_row(row: &Row) -> Result<AwaitingJob, JobsError> {
         submitted_at: row.try_get("submitted_at")?,
         expected_at: row.try_get("provider_expected_at")?,
         deadline: row.try_get("provider_deadline")?,
-        taken_until: row.try_get("check_taken_until")?,
         outputs: row.try_get("provider_outputs")?,
     })
 }
@@ -1161,7 +1158,7 @@ pub struct Purged {
     pub local_keys: Vec<String>,
 }
 
-/// Deletes up to `limit` jobs settled and created more than `days` ago, with their media rows.
+/// Deletes up to `limit` jobs settled more than `days` ago, with their media rows.
 pub async fn purge_settled(
     db: &impl GenericClient,
     days: u32,
