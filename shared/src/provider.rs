@@ -104,21 +104,43 @@ pub async fn check_job(
     awaiting: AwaitingJob,
     asked: Asked<'_>,
 ) -> Result<Checked, WorkerError> {
+    check_holding(app, awaiting, asked, None).await
+}
+
+/// [`check_job`], with the process's collecting permit already `held` (a worker takes it
+/// before it takes the job, so that the job's hold does not run out while it waits its turn).
+async fn check_holding(
+    app: &App,
+    awaiting: AwaitingJob,
+    asked: Asked<'_>,
+    held: Option<Permit>,
+) -> Result<Checked, WorkerError> {
     let (job_id, webhook) = (
         awaiting.job.id,
         awaiting.job.params.get("webhookUrl").is_some(),
     );
-    let checked = check_and_settle(app, awaiting, asked).await?;
+    let checked = check_and_settle(app, awaiting, asked, held).await?;
     if webhook && matches!(checked, Checked::Completed | Checked::Failed) {
         crate::webhooks::deliver_now(app, job_id).await;
     }
     Ok(checked)
 }
 
+/// The process's permit to hold one job's provider output in memory (`App::collecting`).
+type Permit = tokio::sync::OwnedSemaphorePermit;
+
+async fn collecting_permit(app: &App) -> Permit {
+    app.collecting
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the collecting semaphore is never closed")
+}
+
 /// What a check found, its output fetched (held under the process's collecting permit until
 /// it is stored).
 enum Found {
-    Files(Vec<GeneratedFile>, tokio::sync::OwnedSemaphorePermit),
+    Files(Vec<GeneratedFile>, Permit),
     Pending { eta: Option<Duration> },
 }
 
@@ -126,6 +148,7 @@ async fn check_and_settle(
     app: &App,
     awaiting: AwaitingJob,
     asked: Asked<'_>,
+    mut held: Option<Permit>,
 ) -> Result<Checked, WorkerError> {
     let job_id = awaiting.job.id;
     let now = Utc::now();
@@ -168,15 +191,13 @@ async fn check_and_settle(
                 match hand_off(app, &awaiting, &outputs).await? {
                     HandOff::Sent => return Ok(Checked::HandedOff),
                     HandOff::MovedOn => return Ok(Checked::Superseded),
-                    HandOff::CollectHere => {}
+                    HandOff::CollectHere(permit) => held = held.or(permit),
                 }
             }
-            let permit = app
-                .collecting
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the collecting semaphore is never closed");
+            let permit = match held {
+                Some(permit) => permit,
+                None => collecting_permit(app).await,
+            };
             app.generator
                 .collect(&awaiting.job, &outputs)
                 .await
@@ -280,8 +301,8 @@ fn past_deadline(awaiting: &AwaitingJob, now: chrono::DateTime<Utc>) -> Option<S
 enum HandOff {
     Sent,
     /// There is no worker queue, or the message could not be sent: collecting here is slower
-    /// but finishes the job.
-    CollectHere,
+    /// but finishes the job (with the collecting permit, when it was taken to take the job).
+    CollectHere(Option<Permit>),
     /// The job was cancelled or finished meanwhile.
     MovedOn,
 }
@@ -294,7 +315,7 @@ async fn hand_off(
     outputs: &[String],
 ) -> Result<HandOff, WorkerError> {
     if !app.queue.is_sqs() {
-        return Ok(HandOff::CollectHere);
+        return Ok(HandOff::CollectHere(None));
     }
     let job_id = awaiting.job.id;
     // Also when it was handed before and no worker has collected it since: the poller then
@@ -318,12 +339,13 @@ async fn hand_off(
             // The send may have failed only to our eyes (a lost answer): the job is taken the
             // way a worker takes it, so that one of the two collects.
             tracing::warn!(%job_id, error = %chain(&e), "could not hand the provider's output to a worker; collecting it here");
+            let permit = collecting_permit(app).await;
             let conn = app.pool.get().await?;
             Ok(
                 match jobs::take_handed_check(&conn, job_id, awaiting.job.attempts, CHECK_LEASE)
                     .await?
                 {
-                    Some(_) => HandOff::CollectHere,
+                    Some(_) => HandOff::CollectHere(Some(permit)),
                     None => HandOff::Sent,
                 },
             )
@@ -331,21 +353,48 @@ async fn hand_off(
     }
 }
 
-/// A worker's share of a hand-off: takes the job, unless a collection holds it, and collects
-/// the kept output. `None` when another collection holds it or the job has moved on, which then
-/// changes nothing.
+/// What a worker did with a hand-off message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collected {
+    /// It took the job and collected it, with this outcome.
+    Checked(Checked),
+    /// Another collection holds the job, or it has moved on: nothing to do.
+    NotTaken,
+    /// Too little of the invocation was left once this process could collect: the message
+    /// is to be delivered again, for another invocation.
+    NoTime,
+}
+
+/// The least of an invocation a collection starts with: a file's download (90 s by default)
+/// may take most of it.
+const COLLECT_MIN_LEFT: Duration = Duration::from_secs(60);
+
+/// A worker's share of a hand-off: waits its turn to collect (one job's output in memory at a
+/// time), then takes the job, unless a collection holds it, and collects the kept output. The
+/// job's hold starts only once the collection can, so it does not run out while the record
+/// waits behind others of its batch; and none is started with less than a minute of the
+/// invocation (`deadline`) left.
 pub async fn collect_handed(
     app: &App,
     job_id: Uuid,
     collection: &Collection,
-) -> Result<Option<Checked>, WorkerError> {
+    deadline: Option<std::time::Instant>,
+) -> Result<Collected, WorkerError> {
+    let permit = collecting_permit(app).await;
+    if deadline.is_some_and(|end| {
+        end.saturating_duration_since(std::time::Instant::now()) < COLLECT_MIN_LEFT
+    }) {
+        return Ok(Collected::NoTime);
+    }
     let taken = {
         let conn = app.pool.get().await?;
         jobs::take_handed_check(&conn, job_id, collection.attempt, CHECK_LEASE).await?
     };
     match taken {
-        Some(job) => Ok(Some(check_job(app, job, Asked::Collector).await?)),
-        None => Ok(None),
+        Some(job) => Ok(Collected::Checked(
+            check_holding(app, job, Asked::Collector, Some(permit)).await?,
+        )),
+        None => Ok(Collected::NotTaken),
     }
 }
 

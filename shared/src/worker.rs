@@ -64,9 +64,8 @@ pub enum Outcome {
     Superseded,
     /// The provider accepted the job and finishes it later; checks take it from here.
     Submitted,
-    /// A finished provider job's output, handed on by a check: what collecting it did (`None`:
-    /// the check's hold was no longer the job's, so nothing was done).
-    Collected(Option<crate::provider::Checked>),
+    /// A finished provider job's output, handed on by a check: what collecting it did.
+    Collected(crate::provider::Collected),
 }
 
 /// Handles an SQS batch: each record has its own span and outcome, and only the records that
@@ -182,8 +181,15 @@ async fn process_record(
         .map_err(WorkerError::BadMessage)?;
     tracing::Span::current().record("job_id", field::display(message.job_id));
     if let Some(collection) = &message.collect {
-        let checked = crate::provider::collect_handed(app, message.job_id, collection).await?;
-        return Ok(Outcome::Collected(checked));
+        return Ok(
+            match crate::provider::collect_handed(app, message.job_id, collection, deadline).await?
+            {
+                crate::provider::Collected::NoTime => Outcome::Deferred {
+                    delay: Duration::from_secs(1),
+                },
+                collected => Outcome::Collected(collected),
+            },
+        );
     }
     let claim = {
         let conn = app.pool.get().await?;

@@ -271,15 +271,12 @@ async fn requests_arriving_together_cannot_queue_more_than_the_limit() {
     let t = TestApp::configured(
         |_| Dispatcher::embedded(),
         Duration::ZERO,
-        &[
-            ("MAX_QUEUED_PER_USER", "3"),
-            ("MAX_CONCURRENT_JOBS", "1"),
-            ("DB_POOL_SIZE", "24"),
-        ],
+        &[("MAX_QUEUED_PER_USER", "3"), ("MAX_CONCURRENT_JOBS", "1")],
     )
     .await;
     let eager = user("eager", None);
-    let (accepted, refused) = all_at_once(&t, &eager, 24).await;
+    // As many at once as the test pool has connections.
+    let (accepted, refused) = all_at_once(&t, &eager, 16).await;
     assert_eq!(accepted, 3);
     assert_eq!(refused, BTreeSet::from(["429 too_many_queued".to_owned()]));
     assert_eq!(jobs_of(&t, "eager").await, 3);
@@ -290,15 +287,12 @@ async fn requests_arriving_together_cannot_pass_the_rate_limit_and_each_gets_its
     let t = TestApp::configured(
         |_| Dispatcher::embedded(),
         Duration::ZERO,
-        &[
-            ("RATE_LIMIT_PER_MINUTE", "5"),
-            ("MAX_CONCURRENT_JOBS", "1"),
-            ("DB_POOL_SIZE", "24"),
-        ],
+        &[("RATE_LIMIT_PER_MINUTE", "5"), ("MAX_CONCURRENT_JOBS", "1")],
     )
     .await;
     let eager = user("eager", None);
-    let (accepted, refused) = all_at_once(&t, &eager, 24).await;
+    // As many at once as the test pool has connections.
+    let (accepted, refused) = all_at_once(&t, &eager, 16).await;
     assert_eq!(accepted, 5);
     assert_eq!(refused, BTreeSet::from(["429 rate_limited".to_owned()]));
     // Fair share orders one user's jobs by their own sequence: no two share a place.

@@ -1011,6 +1011,12 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
     let message: Value = serde_json::from_str(handed[0].body().unwrap()).unwrap();
     assert_eq!(message["jobId"], id.to_string());
     assert_eq!(message["collect"]["attempt"], 1);
+    // Polled again, the handed job is neither checked nor handed again.
+    p.make_due(id).await;
+    let (_, body) = poll_status(&p.t.app, &owner, id).await;
+    assert_eq!(body["status"], "processing");
+    assert!(queue.receive().await.is_empty());
+    assert_eq!(p.requests_matching("/api/v6/video/fetch/").await, 1);
 
     // A worker collects it; the same message delivered again meanwhile finds it held.
     let collecting = {
@@ -1138,6 +1144,37 @@ async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output(
         1,
         "the provider was asked once"
     );
+}
+
+#[tokio::test]
+async fn a_collection_is_not_started_with_less_than_a_minute_of_the_invocation_left() {
+    let queue = TestQueue::new().await;
+    let p = Provider::behind_sqs(&queue, &[]).await;
+    p.answer("/api/v6/video/img2video", 200, processing(json!(99), 30))
+        .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let video = p.serve("v.mp4", "video/mp4", MP4).await;
+    p.answer("/api/v6/video/fetch/99", 200, success(&[video]))
+        .await;
+    p.make_due(id).await;
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let handed = queue.receive().await;
+    let records = handed
+        .iter()
+        .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
+        .collect();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(50);
+    let response = shared::worker::handle_sqs_until(&p.t.app, batch(records), Some(deadline)).await;
+
+    // Delivered again, for an invocation with the time; the job is left free for it.
+    assert_eq!(reported(&response).len(), 1);
+    assert_eq!(p.requests_matching("/cdn/").await, 0);
+    let (outputs, held) = handed_state(&p, id).await;
+    assert!(outputs.is_some() && !held);
+    assert!(reported(&p.deliver(&handed).await).is_empty());
+    assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
 }
 
 #[tokio::test]
