@@ -972,16 +972,57 @@ async fn let_the_hand_off_lapse(p: &Provider, id: Uuid) {
     .unwrap();
 }
 
+/// A video job the provider accepted as request `request`, to finish later.
+async fn submitted_video(p: &Provider, request: u64) -> Uuid {
+    p.answer(
+        "/api/v6/video/img2video",
+        200,
+        processing(json!(request), 30),
+    )
+    .await;
+    let id = p.animation(&alice()).await;
+    assert_eq!(p.run(id).await, Outcome::Submitted);
+    id
+}
+
+/// The provider now answers that request `request` finished with `video`, and the job is due
+/// for a check.
+async fn finished_with(p: &Provider, id: Uuid, request: u64, video: &str) {
+    p.answer(
+        &format!("/api/v6/video/fetch/{request}"),
+        200,
+        success(&[video.to_owned()]),
+    )
+    .await;
+    p.make_due(id).await;
+}
+
+/// The poller's check hands the finished job to a worker: the message it sent.
+async fn handed_by_the_poller(p: &Provider, queue: &TestQueue) -> Vec<aws_sdk_sqs::types::Message> {
+    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    let handed = queue.receive().await;
+    assert_eq!(handed.len(), 1);
+    handed
+}
+
+/// As if the provider's deadline had passed `minutes` ago.
+async fn deadline_passed(p: &Provider, id: Uuid, minutes: i32) {
+    let conn = p.t.db.pool.get().await.unwrap();
+    conn.execute(
+        "UPDATE generation_jobs SET provider_deadline = now() - make_interval(mins => $2) WHERE id = $1",
+        &[&id, &minutes],
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_worker_which_collects_it(
 ) {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, &[]).await;
-    p.answer("/api/v6/video/img2video", 200, processing(json!(94), 30))
-        .await;
     let owner = alice();
-    let id = p.animation(&owner).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 94).await;
     // The finished video downloads slowly.
     Mock::given(method("GET"))
         .and(path("/cdn/slow.mp4"))
@@ -993,13 +1034,7 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
         .mount(&p.ml)
         .await;
     let video = format!("{}/cdn/slow.mp4", p.ml.uri());
-    p.answer(
-        "/api/v6/video/fetch/94",
-        200,
-        success(std::slice::from_ref(&video)),
-    )
-    .await;
-    p.make_due(id).await;
+    finished_with(&p, id, 94, &video).await;
 
     // The poll asks the provider and answers at once, downloading nothing.
     let (status, body) = poll_status(&p.t.app, &owner, id).await;
@@ -1058,41 +1093,27 @@ async fn a_hand_off_whose_message_comes_late_is_collected_by_the_first_message_t
 ) {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, CALLBACKS).await;
-    p.answer("/api/v6/video/img2video", 200, processing(json!(95), 30))
-        .await;
-    let id = p.animation(&alice()).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 95).await;
     let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
-    let mut done = success(&[video]);
-    p.answer("/api/v6/video/fetch/95", 200, done.clone()).await;
+    finished_with(&p, id, 95, &video).await;
 
     // The poller hands the finished job on; its message waits behind a busy queue.
-    p.make_due(id).await;
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let first = queue.receive().await;
-    assert_eq!(first.len(), 1);
+    let first = handed_by_the_poller(&p, &queue).await;
     let_the_hand_off_lapse(&p, id).await;
 
     // The provider's callback now changes nothing; the poller sends another message without
     // asking the provider again.
+    let mut done = success(&[video]);
     done["track_id"] = json!(id.to_string());
     let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let second = queue.receive().await;
-    assert_eq!(second.len(), 1);
+    let second = handed_by_the_poller(&p, &queue).await;
     assert_eq!(p.requests_matching("/api/v6/video/fetch/").await, 1);
 
     // The provider's wait runs out before a worker comes: the output is still collected, by
     // the late first message; the second then finds the job finished.
-    let conn = p.t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE generation_jobs SET provider_deadline = now() - interval '1 minute' WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
+    deadline_passed(&p, id, 1).await;
     assert!(reported(&p.deliver(&first).await).is_empty());
     assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
     assert!(reported(&p.deliver(&second).await).is_empty());
@@ -1105,10 +1126,7 @@ async fn a_hand_off_whose_message_comes_late_is_collected_by_the_first_message_t
 async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output() {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, &[]).await;
-    p.answer("/api/v6/video/img2video", 200, processing(json!(97), 30))
-        .await;
-    let id = p.animation(&alice()).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 97).await;
     // The CDN fails the first download.
     Mock::given(method("GET"))
         .and(path("/cdn/v.mp4"))
@@ -1118,11 +1136,8 @@ async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output(
         .mount(&p.ml)
         .await;
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
-    p.answer("/api/v6/video/fetch/97", 200, success(&[video]))
-        .await;
-    p.make_due(id).await;
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let first = queue.receive().await;
+    finished_with(&p, id, 97, &video).await;
+    let first = handed_by_the_poller(&p, &queue).await;
 
     assert!(reported(&p.deliver(&first).await).is_empty());
     let (outputs, held) = handed_state(&p, id).await;
@@ -1134,8 +1149,7 @@ async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output(
 
     // Due again (the 20 s after a failed try have passed): handed on again, and collected.
     p.make_due(id).await;
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let second = queue.receive().await;
+    let second = handed_by_the_poller(&p, &queue).await;
     assert!(reported(&p.deliver(&second).await).is_empty());
     assert_eq!(p.row(id).await.get::<_, String>("status"), "completed");
     assert_eq!(p.requests_matching("/cdn/").await, 2);
@@ -1150,16 +1164,10 @@ async fn a_collection_that_fails_on_the_way_is_tried_again_from_the_kept_output(
 async fn a_collection_is_not_started_with_less_than_a_minute_of_the_invocation_left() {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, &[]).await;
-    p.answer("/api/v6/video/img2video", 200, processing(json!(99), 30))
-        .await;
-    let id = p.animation(&alice()).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 99).await;
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
-    p.answer("/api/v6/video/fetch/99", 200, success(&[video]))
-        .await;
-    p.make_due(id).await;
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
-    let handed = queue.receive().await;
+    finished_with(&p, id, 99, &video).await;
+    let handed = handed_by_the_poller(&p, &queue).await;
     let records = handed
         .iter()
         .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
@@ -1181,25 +1189,14 @@ async fn a_collection_is_not_started_with_less_than_a_minute_of_the_invocation_l
 async fn output_that_cannot_be_collected_long_past_the_deadline_fails_the_job_saying_so() {
     let queue = TestQueue::new().await;
     let p = Provider::behind_sqs(&queue, &[]).await;
-    p.answer("/api/v6/video/img2video", 200, processing(json!(98), 30))
-        .await;
-    let id = p.animation(&alice()).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 98).await;
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
-    p.answer("/api/v6/video/fetch/98", 200, success(&[video]))
-        .await;
-    p.make_due(id).await;
-    assert_eq!(p.poller_tick().await.provider_checks, 1);
+    finished_with(&p, id, 98, &video).await;
+    handed_by_the_poller(&p, &queue).await;
 
     // No worker ever collects it, well past the provider's deadline.
     let_the_hand_off_lapse(&p, id).await;
-    let conn = p.t.db.pool.get().await.unwrap();
-    conn.execute(
-        "UPDATE generation_jobs SET provider_deadline = now() - interval '31 minutes' WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .unwrap();
+    deadline_passed(&p, id, 31).await;
     assert_eq!(p.poller_tick().await.provider_checks, 1);
 
     let row = p.row(id).await;
@@ -1217,17 +1214,11 @@ async fn a_finished_job_whose_hand_off_cannot_be_sent_is_collected_by_the_check_
         sqs_client_for("http://127.0.0.1:9"),
         "http://127.0.0.1:9/123456789012/jobs".into(),
     );
-    p.answer("/api/v6/video/img2video", 200, processing(json!(96), 30))
-        .await;
-    let owner = alice();
-    let id = p.animation(&owner).await;
-    assert_eq!(p.run(id).await, Outcome::Submitted);
+    let id = submitted_video(&p, 96).await;
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
-    p.answer("/api/v6/video/fetch/96", 200, success(&[video]))
-        .await;
-    p.make_due(id).await;
+    finished_with(&p, id, 96, &video).await;
 
-    let (status, body) = poll_status(&p.t.app, &owner, id).await;
+    let (status, body) = poll_status(&p.t.app, &alice(), id).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("completed")));
     assert_eq!(p.requests_matching("/cdn/").await, 1);
 }
