@@ -266,17 +266,22 @@ async fn all_at_once(t: &TestApp, who: &Identity, n: usize) -> (usize, BTreeSet<
     (accepted, refused)
 }
 
-#[tokio::test]
-async fn requests_arriving_together_cannot_queue_more_than_the_limit() {
+/// One user, "eager", sends as many enqueues at once as the test pool has connections, under
+/// `limit` (with one slot, so that jobs wait).
+async fn eager_all_at_once_under(limit: (&str, &str)) -> (TestApp, usize, BTreeSet<String>) {
     let t = TestApp::configured(
         |_| Dispatcher::embedded(),
         Duration::ZERO,
-        &[("MAX_QUEUED_PER_USER", "3"), ("MAX_CONCURRENT_JOBS", "1")],
+        &[limit, ("MAX_CONCURRENT_JOBS", "1")],
     )
     .await;
-    let eager = user("eager", None);
-    // As many at once as the test pool has connections.
-    let (accepted, refused) = all_at_once(&t, &eager, 16).await;
+    let (accepted, refused) = all_at_once(&t, &user("eager", None), 16).await;
+    (t, accepted, refused)
+}
+
+#[tokio::test]
+async fn requests_arriving_together_cannot_queue_more_than_the_limit() {
+    let (t, accepted, refused) = eager_all_at_once_under(("MAX_QUEUED_PER_USER", "3")).await;
     assert_eq!(accepted, 3);
     assert_eq!(refused, BTreeSet::from(["429 too_many_queued".to_owned()]));
     assert_eq!(jobs_of(&t, "eager").await, 3);
@@ -284,15 +289,7 @@ async fn requests_arriving_together_cannot_queue_more_than_the_limit() {
 
 #[tokio::test]
 async fn requests_arriving_together_cannot_pass_the_rate_limit_and_each_gets_its_own_place() {
-    let t = TestApp::configured(
-        |_| Dispatcher::embedded(),
-        Duration::ZERO,
-        &[("RATE_LIMIT_PER_MINUTE", "5"), ("MAX_CONCURRENT_JOBS", "1")],
-    )
-    .await;
-    let eager = user("eager", None);
-    // As many at once as the test pool has connections.
-    let (accepted, refused) = all_at_once(&t, &eager, 16).await;
+    let (t, accepted, refused) = eager_all_at_once_under(("RATE_LIMIT_PER_MINUTE", "5")).await;
     assert_eq!(accepted, 5);
     assert_eq!(refused, BTreeSet::from(["429 rate_limited".to_owned()]));
     // Fair share orders one user's jobs by their own sequence: no two share a place.

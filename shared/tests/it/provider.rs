@@ -81,11 +81,43 @@ impl Provider {
         &self,
         messages: &[aws_sdk_sqs::types::Message],
     ) -> lambda_http::aws_lambda_events::sqs::SqsBatchResponse {
-        let records = messages
-            .iter()
-            .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
-            .collect();
-        shared::worker::handle_sqs(&self.t.app, batch(records)).await
+        shared::worker::handle_sqs(&self.t.app, as_event(messages)).await
+    }
+
+    /// Serves a video at `/cdn/{name}` that takes `delay` to arrive.
+    async fn serve_slowly(&self, name: &str, delay: Duration) -> String {
+        Mock::given(method("GET"))
+            .and(path(format!("/cdn/{name}")))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_raw(MP4.to_vec(), "video/mp4")
+                    .set_delay(delay),
+            )
+            .mount(&self.ml)
+            .await;
+        format!("{}/cdn/{name}", self.ml.uri())
+    }
+
+    /// Waits until a download of provider output has begun.
+    async fn until_downloading(&self) {
+        let waiting_since = std::time::Instant::now();
+        while self.requests_matching("/cdn/").await == 0 {
+            assert!(
+                waiting_since.elapsed() < Duration::from_secs(20),
+                "the output was never fetched"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A moodboard of `count` images.
+    async fn moodboard(&self, count: u32) -> Uuid {
+        self.job(
+            &alice(),
+            JobType::Moodboard,
+            json!({ "prompt": "dusk", "count": count }),
+        )
+        .await
     }
 
     /// Serves a file at `/cdn/{name}` the way a CDN does.
@@ -198,6 +230,18 @@ impl Provider {
     }
 }
 
+/// Received SQS messages as the event Lambda hands the worker.
+fn as_event(
+    messages: &[aws_sdk_sqs::types::Message],
+) -> lambda_http::aws_lambda_events::sqs::SqsEvent {
+    batch(
+        messages
+            .iter()
+            .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
+            .collect(),
+    )
+}
+
 fn alice() -> Identity {
     user("alice", Some("tenant-x"))
 }
@@ -307,13 +351,7 @@ async fn a_moodboard_asks_for_several_samples_and_keeps_each_image() {
     ];
     p.answer("/api/v6/images/text2img", 200, success(&urls))
         .await;
-    let id = p
-        .job(
-            &alice(),
-            JobType::Moodboard,
-            json!({ "prompt": "dusk", "count": 3 }),
-        )
-        .await;
+    let id = p.moodboard(3).await;
 
     assert_eq!(p.run(id).await, Outcome::Completed);
     assert_eq!(p.row(id).await.get::<_, i64>("media"), 3);
@@ -668,13 +706,7 @@ async fn the_download_cap_holds_for_a_jobs_files_together() {
     ];
     p.answer("/api/v6/images/text2img", 200, success(&urls))
         .await;
-    let id = p
-        .job(
-            &alice(),
-            JobType::Moodboard,
-            json!({ "prompt": "dusk", "count": 2 }),
-        )
-        .await;
+    let id = p.moodboard(2).await;
 
     assert_eq!(p.run(id).await, Outcome::Failed);
     let row = p.row(id).await;
@@ -819,28 +851,13 @@ async fn a_check_under_way_keeps_callbacks_and_status_checks_off_the_job_until_i
     let (webhook, _) = webhook_of(&p, "/api/v6/video/img2video").await;
     // The finished video downloads slowly: the poller's check is still under way while the
     // callback and a status poll come in.
-    Mock::given(method("GET"))
-        .and(path("/cdn/slow.mp4"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(MP4.to_vec(), "video/mp4")
-                .set_delay(Duration::from_secs(2)),
-        )
-        .mount(&p.ml)
-        .await;
-    let mut done = success(&[format!("{}/cdn/slow.mp4", p.ml.uri())]);
+    let video = p.serve_slowly("slow.mp4", Duration::from_secs(2)).await;
+    let mut done = success(&[video]);
     p.answer("/api/v6/video/fetch/91", 200, done.clone()).await;
     p.make_due(id).await;
     let app = p.t.app.clone();
     let poller = tokio::spawn(async move { shared::provider::check_due(&app).await.unwrap() });
-    let waiting_since = std::time::Instant::now();
-    while p.requests_matching("/cdn/").await == 0 {
-        assert!(
-            waiting_since.elapsed() < Duration::from_secs(20),
-            "the poller never fetched the output"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p.until_downloading().await;
 
     done["track_id"] = json!(id.to_string());
     let (status, body) = call(&p.t.app, callback_request(&webhook, &done)).await;
@@ -1024,16 +1041,7 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
     let owner = alice();
     let id = submitted_video(&p, 94).await;
     // The finished video downloads slowly.
-    Mock::given(method("GET"))
-        .and(path("/cdn/slow.mp4"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_raw(MP4.to_vec(), "video/mp4")
-                .set_delay(Duration::from_secs(2)),
-        )
-        .mount(&p.ml)
-        .await;
-    let video = format!("{}/cdn/slow.mp4", p.ml.uri());
+    let video = p.serve_slowly("slow.mp4", Duration::from_secs(2)).await;
     finished_with(&p, id, 94, &video).await;
 
     // The poll asks the provider and answers at once, downloading nothing.
@@ -1055,23 +1063,10 @@ async fn behind_sqs_a_status_poll_that_finds_the_video_finished_hands_it_to_a_wo
 
     // A worker collects it; the same message delivered again meanwhile finds it held.
     let collecting = {
-        let (app, handed) = (p.t.app.clone(), handed.clone());
-        tokio::spawn(async move {
-            let records = handed
-                .iter()
-                .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
-                .collect();
-            shared::worker::handle_sqs(&app, batch(records)).await
-        })
+        let (app, event) = (p.t.app.clone(), as_event(&handed));
+        tokio::spawn(async move { shared::worker::handle_sqs(&app, event).await })
     };
-    let waiting_since = std::time::Instant::now();
-    while p.requests_matching("/cdn/").await == 0 {
-        assert!(
-            waiting_since.elapsed() < Duration::from_secs(20),
-            "never collected"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p.until_downloading().await;
     assert!(reported(&p.deliver(&handed).await).is_empty());
     assert!(reported(&collecting.await.unwrap()).is_empty());
 
@@ -1168,13 +1163,10 @@ async fn a_collection_is_not_started_with_less_than_a_minute_of_the_invocation_l
     let video = p.serve("v.mp4", "video/mp4", MP4).await;
     finished_with(&p, id, 99, &video).await;
     let handed = handed_by_the_poller(&p, &queue).await;
-    let records = handed
-        .iter()
-        .map(|m| sqs_record(m.message_id().unwrap(), m.body().unwrap()))
-        .collect();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(50);
-    let response = shared::worker::handle_sqs_until(&p.t.app, batch(records), Some(deadline)).await;
+    let response =
+        shared::worker::handle_sqs_until(&p.t.app, as_event(&handed), Some(deadline)).await;
 
     // Delivered again, for an invocation with the time; the job is left free for it.
     assert_eq!(reported(&response).len(), 1);
