@@ -327,6 +327,38 @@ async fn enqueue_as_any_user(app: &App, fixture: &serde_json::Value) {
     assert_eq!(response.status(), 202, "enqueue failed");
 }
 
+const STATUS_FIXTURE: &str = include_str!("../../../events/status.json");
+
+/// One status read through the handler the status Lambda runs, from its event fixture, of a
+/// queued job by its owner: its answer carries a position.
+async fn status_via_handler(app: &App, id: &str, user_id: &str) {
+    let mut request: serde_json::Value = serde_json::from_str(STATUS_FIXTURE).unwrap();
+    let path = format!("/api/generate/status/{id}");
+    request["rawPath"] = path.clone().into();
+    request["requestContext"]["http"]["path"] = path.into();
+    request["pathParameters"]["jobId"] = id.into();
+    request["requestContext"]["authorizer"]["jwt"]["claims"]["sub"] = user_id.into();
+    let req = lambda_http::request::from_str(&request.to_string()).unwrap();
+    let response = shared::api::handle(app, req).await;
+    assert_eq!(response.status(), 200, "status read failed");
+    let body: serde_json::Value = serde_json::from_slice(response.body().as_ref()).unwrap();
+    assert!(
+        body["position"].as_i64().is_some(),
+        "a queued job's position: {body}"
+    );
+}
+
+async fn queued_depth(app: &App) -> i64 {
+    let conn = app.pool.get().await.unwrap();
+    conn.query_one(
+        "SELECT count(*) FROM generation_jobs WHERE status = 'queued'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// The enqueue handler's statement (`shared/src/jobs/insert.sql`, as built) run by pgbench with
 /// what the handler binds for the bench's fixture: its user, tenant and params, the bench app's
 /// limits, and no local worker standing ready (as in the enqueue phase). The ids are made in
@@ -686,6 +718,38 @@ async fn main() {
             ms(lat.p(0.5)),
             ms(lat.p(0.99)),
             ratio(rate, limit, &name)
+        ));
+        // Their owners polling the jobs that line left queued, as the front end does every 2 s.
+        eprintln!("status reads via handler, queued jobs of {MANY_USERS} users...");
+        let queued: Vec<(String, String)> = {
+            let conn = b.app.pool.get().await.unwrap();
+            conn.query(
+                "SELECT id::text, user_id FROM generation_jobs WHERE status = 'queued' \
+                 ORDER BY random() LIMIT 1000",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+        };
+        let depth = queued_depth(&b.app).await;
+        let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (app, queued) = (b.app.clone(), Arc::new(queued));
+        let (mut lat, rate) = load(10, secs, move || {
+            let (app, queued, counter) = (app.clone(), queued.clone(), counter.clone());
+            async move {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % queued.len();
+                status_via_handler(&app, &queued[i].0, &queued[i].1).await;
+            }
+        })
+        .await;
+        table.push(format!(
+            "| status reads of queued jobs, status handler, 10 clients, {depth} queued of {MANY_USERS} users: p50 {} p99 {} | {rate:.0} reads/s | {} |",
+            ms(lat.p(0.5)),
+            ms(lat.p(0.99)),
+            ratio(rate, limits.enq10, "INSERT @10")
         ));
         b.drop_database().await;
     }

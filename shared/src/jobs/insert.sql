@@ -4,8 +4,9 @@
 -- LOCKED plus Postgres's re-check of a row changed since the snapshot mean racing enqueues
 -- reserve different slots, so no more jobs are answered `direct` than there were free slots.
 -- queued_ahead counts the queued jobs that will start before this one (its position - 1); 0
--- when direct. It counts the shorter side of the job, judged by its key's distance from the
--- line's two ends: the jobs ahead, or all queued jobs (queue_tally) less those behind.
+-- when direct. It sums the shorter side of the job, judged by its key's distance from the
+-- line's two ends, from the per-level counts (queue_levels, V20): the levels up to its own,
+-- which it joins last, or all queued jobs (queue_tally) less the levels behind it.
 -- With $13 (a lease in seconds: a local worker stands ready) a job given a slot does not wait
 -- for a claim: it is inserted already claimed (attempt 1, leased for $13 seconds, and so is its
 -- slot), which saves a statement and a commit before it starts. started_at says so.
@@ -94,13 +95,12 @@ SELECT j.id, j.user_id, j.tenant_id, j.job_type, j.entity_id,
             -- A tie goes to the tally: a job at or past the tail has nothing behind it.
             WHEN (SELECT fair_key FROM job) - (SELECT fair_key FROM head)
                  < (SELECT fair_key FROM tail) - (SELECT fair_key FROM job)
-            THEN (SELECT count(*) FROM generation_jobs q
-                  WHERE q.status = 'queued' AND q.fair_key <= (SELECT fair_key FROM job)
-                    AND q.fair_key >= (SELECT fair_key FROM head))
+            -- Bounded by the line's ends too: the levels claimed since the last vacuum lie
+            -- below the head as dead index entries, which a walk from the start would read.
+            THEN queue_levels_sum((SELECT fair_key FROM head), (SELECT fair_key FROM job))
             ELSE (SELECT sum(queued) FROM queue_tally)::int8
-                 - (SELECT count(*) FROM generation_jobs q
-                    WHERE q.status = 'queued' AND q.fair_key > (SELECT fair_key FROM job)
-                      AND q.fair_key <= (SELECT fair_key FROM tail)) END AS queued_ahead,
+                 - queue_levels_sum((SELECT fair_key FROM job) + 1, (SELECT fair_key FROM tail))
+       END AS queued_ahead,
        coalesce((SELECT recent_jobs FROM quota), 0) AS recent_jobs,
        (SELECT recent_oldest FROM quota) AS recent_oldest
 FROM (SELECT 1) one LEFT JOIN job j ON true

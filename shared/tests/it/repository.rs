@@ -843,6 +843,196 @@ async fn an_enqueue_counts_its_position_along_the_line_even_when_statistics_saw_
     }
 }
 
+/// The entries read from the index of queued jobs (EXPLAIN ANALYZE), wherever in the plan.
+fn queued_entries_read(plan: &serde_json::Value) -> u64 {
+    let here = if plan.get("Index Name").and_then(|n| n.as_str()) == Some("idx_jobs_queued_fair") {
+        plan["Actual Rows"].as_u64().unwrap_or(0) * plan["Actual Loops"].as_u64().unwrap_or(0)
+    } else {
+        0
+    };
+    here + plan
+        .get("Plans")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .map(queued_entries_read)
+        .sum::<u64>()
+}
+
+#[tokio::test]
+async fn a_position_among_many_users_reads_no_more_jobs_than_its_own_level_holds() {
+    // 100 users with 20 queued jobs each: fair share puts them in 20 levels of 100. A user
+    // with 10 queued joins the middle of the line, and one of their jobs sits there: either
+    // side of it holds about 1,000 jobs, which a count of jobs would read.
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.batch_execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         SELECT gen_random_uuid(), 'user-' || u, 'moodboard', gen_random_uuid(), k \
+         FROM generate_series(1, 20) k, generate_series(1, 100) u; \
+         INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         SELECT gen_random_uuid(), 'middle', 'moodboard', gen_random_uuid(), k \
+         FROM generate_series(1, 10) k; \
+         ANALYZE generation_jobs;",
+    )
+    .await
+    .unwrap();
+    conn.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan; \
+         PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {}; \
+         PREPARE status (uuid, text, text) AS {};",
+        include_str!("../../src/jobs/insert.sql"),
+        include_str!("../../src/jobs/get_for_owner.sql"),
+    ))
+    .await
+    .unwrap();
+    let middle_job: Uuid = conn
+        .query_one(
+            "SELECT id FROM generation_jobs WHERE user_id = 'user-7' AND fair_key = 10",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (what, execute) in [
+        (
+            "the enqueue",
+            "EXECUTE enqueue (gen_random_uuid(), 'middle', NULL, 'moodboard', gen_random_uuid(), \
+             '{}', 3, 0, 60, 0, 0, 0, 60)"
+                .to_owned(),
+        ),
+        (
+            "a status read",
+            format!("EXECUTE status ('{middle_job}', 'user-7', NULL)"),
+        ),
+    ] {
+        let row = conn
+            .query_one(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {execute}"), &[])
+            .await
+            .unwrap();
+        let plan: serde_json::Value = row.get(0);
+        let read = queued_entries_read(&plan[0]["Plan"]);
+        assert!(
+            read <= 100 + 2,
+            "{what} read {read} queued jobs for its position: {plan}"
+        );
+    }
+    // And the positions are the true ones, as counting the whole line gives them.
+    let true_position = |id: Uuid| {
+        let conn = &conn;
+        async move {
+            let row = conn
+                .query_one(
+                    "SELECT count(*) + 1 FROM generation_jobs q, generation_jobs j \
+                     WHERE j.id = $1 AND q.status = 'queued' \
+                       AND (q.fair_key, q.created_at, q.id) < (j.fair_key, j.created_at, j.id)",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0)
+        }
+    };
+    let status = conn
+        .query_one(
+            &format!("EXECUTE status ('{middle_job}', 'user-7', NULL)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status.get::<_, Option<i64>>("position"),
+        Some(true_position(middle_job).await)
+    );
+    let enqueued = conn
+        .query_one(
+            "EXECUTE enqueue (gen_random_uuid(), 'middle', NULL, 'moodboard', gen_random_uuid(), \
+             '{}', 3, 0, 60, 0, 0, 0, 60)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        enqueued.get::<_, i64>("queued_ahead") + 1,
+        true_position(enqueued.get("id")).await
+    );
+}
+
+#[tokio::test]
+async fn positions_and_claims_reach_the_level_counts_by_key_even_when_statistics_saw_none() {
+    // Plans made in a quiet hour, when statistics said no job was queued, then a burst of 100
+    // users' jobs: a plan that believed the level counts empty would go on reading them whole
+    // on every enqueue, status read and claim, however long the line grows.
+    let t = TestApp::embedded().await;
+    let conn = t.db.pool.get().await.unwrap();
+    conn.batch_execute(
+        &(QUIET_HOUR_STATISTICS.to_owned()
+            + &format!(
+                "ANALYZE queue_levels; \
+                 PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {}; \
+                 PREPARE status (uuid, text, text) AS {};",
+                include_str!("../../src/jobs/insert.sql"),
+                include_str!("../../src/jobs/get_for_owner.sql"),
+            )),
+    )
+    .await
+    .unwrap();
+    // This connection forces generic plans (as the service's do): they are made once, by the
+    // first of these, and kept.
+    let enqueue_read_and_claim = |user_id: &'static str| {
+        let conn = &conn;
+        async move {
+            let job: Uuid = conn
+                .query_one(
+                    &format!(
+                        "EXECUTE enqueue (gen_random_uuid(), '{user_id}', NULL, 'moodboard', \
+                         gen_random_uuid(), '{{}}', 3, 0, 60, 0, 0, 0, 60)"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get("id");
+            conn.batch_execute(&format!("EXECUTE status ('{job}', '{user_id}', NULL)"))
+                .await
+                .unwrap();
+            shared::jobs::claim_line(conn, 5, Duration::from_secs(60), ONE_OF_FIVE)
+                .await
+                .unwrap()
+        }
+    };
+    conn.batch_execute("BEGIN").await.unwrap();
+    let quiet = enqueue_read_and_claim("newcomer").await;
+    assert_eq!(quiet.jobs.len(), 1, "the newcomer's job starts");
+    conn.batch_execute("ROLLBACK").await.unwrap();
+
+    conn.batch_execute(
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         SELECT gen_random_uuid(), 'user-' || u, 'moodboard', gen_random_uuid(), k \
+         FROM generate_series(1, 30) k, generate_series(1, 100) u",
+    )
+    .await
+    .unwrap();
+    // Counts not yet published from earlier transactions show here too (Postgres 15): only
+    // what this transaction adds is its statements'.
+    let read_whole = || async {
+        conn.query_one(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'queue_levels'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    conn.batch_execute("BEGIN").await.unwrap();
+    let before = read_whole().await;
+    let busy = enqueue_read_and_claim("user-5").await;
+    assert_eq!(busy.jobs.len(), 5, "five users' first jobs start");
+    let after = read_whole().await;
+    conn.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(after - before, 0, "times the level counts were read whole");
+}
+
 #[tokio::test]
 async fn transitions_of_one_running_job_find_it_by_key_even_when_statistics_saw_none_running() {
     // Statistics taken while nothing ran, then many jobs running or waiting on the provider:
@@ -955,7 +1145,8 @@ async fn a_slot_names_its_holders_user_or_nobody() {
 }
 
 #[tokio::test]
-async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_jobs() {
+async fn deleting_or_truncating_jobs_keeps_the_queue_tally_and_its_levels_equal_to_the_queued_jobs()
+{
     let t = TestApp::embedded().await;
     for _ in 0..5 {
         t.insert_job(Uuid::now_v7(), &user("alice", None), "x")
@@ -963,6 +1154,7 @@ async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_j
     }
     let conn = t.db.pool.get().await.unwrap();
     assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(5), 5));
+    assert_eq!(levels_miscounted(&conn).await.unwrap(), 0);
 
     conn.batch_execute(
         "DELETE FROM generation_jobs WHERE id IN \
@@ -971,15 +1163,18 @@ async fn deleting_or_truncating_jobs_keeps_the_queue_tally_equal_to_the_queued_j
     .await
     .unwrap();
     assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(3), 3));
+    assert_eq!(levels_miscounted(&conn).await.unwrap(), 0);
 
     conn.batch_execute("TRUNCATE generation_jobs CASCADE")
         .await
         .unwrap();
     assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(0), 0));
+    assert_eq!(levels_miscounted(&conn).await.unwrap(), 0);
 
     // And it counts on from there.
     t.insert_job(Uuid::now_v7(), &user("bob", None), "x").await;
     assert_eq!(tally_and_queued(&conn).await.unwrap(), (Some(1), 1));
+    assert_eq!(levels_miscounted(&conn).await.unwrap(), 0);
 }
 
 /// A per-user allowance of one, among five slots.
@@ -1075,13 +1270,14 @@ async fn alice_direct_uncommitted(t: &TestApp) -> deadpool_postgres::Object {
     holder
 }
 
-/// The user's next job, queued (as a plain insert: no admission ran for it).
+/// The user's next job, queued (as a plain insert: no admission ran for it), at the key
+/// admission would give it, after their first job's.
 async fn queued_for(t: &TestApp, user_id: &str) -> Uuid {
     let id = Uuid::now_v7();
     let conn = t.db.pool.get().await.unwrap();
     conn.execute(
-        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id) \
-         VALUES ($1, $2, 'moodboard', gen_random_uuid())",
+        "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+         VALUES ($1, $2, 'moodboard', gen_random_uuid(), 1)",
         &[&id, &user_id],
     )
     .await

@@ -52,7 +52,8 @@ impl TestDb {
 
 impl Drop for TestDb {
     /// Every test also checks, at its end, that the queue tally still counts exactly the
-    /// queued jobs, whatever ways in and out of the queue the test took.
+    /// queued jobs, and each level's count the queued jobs of that level, whatever ways in
+    /// and out of the queue the test took.
     fn drop(&mut self) {
         let name = self.name.clone();
         let (own, admin) = (self.url.clone(), server_url("postgres"));
@@ -71,7 +72,10 @@ impl Drop for TestDb {
                         let _ = client
                             .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '10s'")
                             .await;
-                        tally_and_queued(&client).await
+                        match tally_and_queued(&client).await {
+                            Ok(tally) => levels_miscounted(&client).await.map(|off| (tally, off)),
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(e) => Err(e),
                 };
@@ -91,13 +95,17 @@ impl Drop for TestDb {
         })
         .join();
         if !std::thread::panicking() {
-            let (tallied, queued) = tally
+            let ((tallied, queued), levels_off) = tally
                 .expect("the check thread")
                 .expect("the queue tally could be read");
             assert_eq!(
                 tallied,
                 Some(queued),
                 "the queue tally against the queued jobs"
+            );
+            assert_eq!(
+                levels_off, 0,
+                "fair-share levels whose count is not their queued jobs'"
             );
         }
     }
@@ -115,6 +123,22 @@ pub async fn tally_and_queued(
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// How many fair-share levels' counts (queue_levels) differ from their queued jobs, read in one
+/// snapshot.
+pub async fn levels_miscounted(db: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+    let row = db
+        .query_one(
+            "SELECT count(*) FROM \
+               (SELECT fair_key, sum(queued)::int8 AS n FROM queue_levels GROUP BY fair_key) l \
+               FULL JOIN (SELECT fair_key, count(*) AS n FROM generation_jobs \
+                          WHERE status = 'queued' GROUP BY fair_key) j USING (fair_key) \
+             WHERE l.n IS DISTINCT FROM j.n",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 pub fn config(database_url: &str, media_dir: &std::path::Path) -> Config {
