@@ -779,19 +779,30 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
     }
 }
 
+/// Every node of an EXPLAIN (FORMAT JSON) plan.
+fn plan_nodes(plan: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut nodes = vec![plan];
+    for child in plan
+        .get("Plans")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        nodes.extend(plan_nodes(child));
+    }
+    nodes
+}
+
 /// The scans of `relation` that ran (EXPLAIN ANALYZE), wherever in the plan.
 fn sequential_scans_run(plan: &serde_json::Value, relation: &str) -> usize {
-    let here = plan.get("Node Type").and_then(|n| n.as_str()) == Some("Seq Scan")
-        && plan.get("Relation Name").and_then(|n| n.as_str()) == Some(relation)
-        && plan.get("Actual Loops").and_then(|n| n.as_u64()) > Some(0);
-    usize::from(here)
-        + plan
-            .get("Plans")
-            .and_then(|p| p.as_array())
-            .into_iter()
-            .flatten()
-            .map(|child| sequential_scans_run(child, relation))
-            .sum::<usize>()
+    plan_nodes(plan)
+        .into_iter()
+        .filter(|node| {
+            node["Node Type"] == "Seq Scan"
+                && node["Relation Name"] == relation
+                && node["Actual Loops"].as_u64() > Some(0)
+        })
+        .count()
 }
 
 #[tokio::test]
@@ -845,18 +856,13 @@ async fn an_enqueue_counts_its_position_along_the_line_even_when_statistics_saw_
 
 /// The entries read from the index of queued jobs (EXPLAIN ANALYZE), wherever in the plan.
 fn queued_entries_read(plan: &serde_json::Value) -> u64 {
-    let here = if plan.get("Index Name").and_then(|n| n.as_str()) == Some("idx_jobs_queued_fair") {
-        plan["Actual Rows"].as_u64().unwrap_or(0) * plan["Actual Loops"].as_u64().unwrap_or(0)
-    } else {
-        0
-    };
-    here + plan
-        .get("Plans")
-        .and_then(|p| p.as_array())
+    plan_nodes(plan)
         .into_iter()
-        .flatten()
-        .map(queued_entries_read)
-        .sum::<u64>()
+        .filter(|node| node["Index Name"] == "idx_jobs_queued_fair")
+        .map(|node| {
+            node["Actual Rows"].as_u64().unwrap_or(0) * node["Actual Loops"].as_u64().unwrap_or(0)
+        })
+        .sum()
 }
 
 #[tokio::test]
