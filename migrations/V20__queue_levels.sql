@@ -48,8 +48,17 @@ END $$;
 -- A statement's moves, netted per level row: rows it takes jobs from are locked first, in key
 -- order (two statements taking from the same rows in different orders would deadlock), then
 -- deleted where they fall to zero and lowered elsewhere; rows it adds jobs to are upserted in
--- key order. A level row missing for a job leaving the line means the count has drifted: the
--- statement fails rather than counting on from a wrong number.
+-- key order. So statements that only take (claims, cancels, deletes) or only add (requeues)
+-- lock in one order and cannot deadlock on these rows; one that took from some levels and
+-- added to others at once could, against another doing the opposite (no statement does). A
+-- level row missing for a job leaving the line means the count has drifted: the statement
+-- fails rather than counting on from a wrong number.
+--
+-- A claim locks the rows of the jobs it takes, in the levels at the line's head, which is
+-- also where a new user's job joins: the one waits for the other's commit when they meet on
+-- a row (a claim of 20 from a level spread over 32 rows often does). V12's tally, by
+-- transaction, made such meetings rare; a level count by transaction would need its rows
+-- to go below zero and a sweep of emptied levels, and is not built.
 CREATE FUNCTION queue_levels_move(keys bigint[], shards smallint[], ns bigint[]) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE

@@ -900,16 +900,35 @@ async fn a_position_among_many_users_reads_no_more_jobs_than_its_own_level_holds
         .await
         .unwrap()
         .get(0);
-    for (what, execute) in [
+    // A newcomer's first job joins the head's level, last.
+    let newcomers_job: Uuid = conn
+        .query_one(
+            "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, fair_key) \
+             VALUES (gen_random_uuid(), 'newcomer', 'moodboard', gen_random_uuid(), 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Besides its own level's jobs on one side, a read takes the first entry at each end of
+    // the line and of its level.
+    for (what, execute, most) in [
         (
             "the enqueue",
             "EXECUTE enqueue (gen_random_uuid(), 'middle', NULL, 'moodboard', gen_random_uuid(), \
              '{}', 3, 0, 60, 0, 0, 0, 60)"
                 .to_owned(),
+            2,
         ),
         (
-            "a status read",
+            "a status read in the middle",
             format!("EXECUTE status ('{middle_job}', 'user-7', NULL)"),
+            101 + 4,
+        ),
+        (
+            "a newcomer's status read",
+            format!("EXECUTE status ('{newcomers_job}', 'newcomer', NULL)"),
+            4,
         ),
     ] {
         let row = conn
@@ -919,7 +938,7 @@ async fn a_position_among_many_users_reads_no_more_jobs_than_its_own_level_holds
         let plan: serde_json::Value = row.get(0);
         let read = queued_entries_read(&plan[0]["Plan"]);
         assert!(
-            read <= 100 + 2,
+            read <= most,
             "{what} read {read} queued jobs for its position: {plan}"
         );
     }
@@ -950,6 +969,19 @@ async fn a_position_among_many_users_reads_no_more_jobs_than_its_own_level_holds
         status.get::<_, Option<i64>>("position"),
         Some(true_position(middle_job).await)
     );
+    let newcomers = conn
+        .query_one(
+            &format!("EXECUTE status ('{newcomers_job}', 'newcomer', NULL)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        newcomers.get::<_, Option<i64>>("position"),
+        Some(true_position(newcomers_job).await)
+    );
+    // Behind its level's 101 (the hundred users' and the middle one's first jobs).
+    assert_eq!(newcomers.get::<_, Option<i64>>("position"), Some(102));
     let enqueued = conn
         .query_one(
             "EXECUTE enqueue (gen_random_uuid(), 'middle', NULL, 'moodboard', gen_random_uuid(), \
