@@ -696,6 +696,20 @@ fn index_conditions(plan: &serde_json::Value, found: &mut Vec<(String, String)>)
     }
 }
 
+/// The enqueue statement as `enqueue`, with the parameter types the service binds.
+const PREPARE_ENQUEUE: &str = concat!(
+    "PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS ",
+    include_str!("../../src/jobs/insert.sql"),
+    ";"
+);
+
+/// The status read as `status` (id, user, tenant).
+const PREPARE_STATUS: &str = concat!(
+    "PREPARE status (uuid, text, text) AS ",
+    include_str!("../../src/jobs/get_for_owner.sql"),
+    ";"
+);
+
 /// Settled history only, then `ANALYZE`: statistics taken in a quiet hour, before a burst.
 const QUIET_HOUR_STATISTICS: &str =
     "INSERT INTO generation_jobs (id, user_id, job_type, entity_id, status, attempts, \
@@ -728,11 +742,10 @@ async fn claims_and_enqueues_find_their_rows_by_key_even_when_statistics_saw_no_
          PREPARE batch (uuid[], int4[], int4[], uuid[], int2[], uuid[], text[], text[], text[], \
                         text[], text[], int4[], int4[], int8[], text, bool[], int8, float8, int4, int8) \
              AS {}{}; \
-         PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
+         {PREPARE_ENQUEUE}",
         include_str!("../../src/jobs/claim_by_id.sql"),
         include_str!("../../src/jobs/completions.sql"),
         include_str!("../../src/jobs/claim_batch.sql"),
-        include_str!("../../src/jobs/insert.sql"),
     ))
     .await
     .unwrap();
@@ -821,12 +834,7 @@ async fn an_enqueue_counts_its_position_along_the_line_even_when_statistics_saw_
     )
     .await
     .unwrap();
-    conn.batch_execute(&format!(
-        "PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {};",
-        include_str!("../../src/jobs/insert.sql"),
-    ))
-    .await
-    .unwrap();
+    conn.batch_execute(PREPARE_ENQUEUE).await.unwrap();
     for plans in ["force_custom_plan", "force_generic_plan"] {
         conn.batch_execute(&format!("SET plan_cache_mode = {plans}"))
             .await
@@ -884,11 +892,7 @@ async fn a_position_among_many_users_reads_no_more_jobs_than_its_own_level_holds
     .await
     .unwrap();
     conn.batch_execute(&format!(
-        "SET plan_cache_mode = force_generic_plan; \
-         PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {}; \
-         PREPARE status (uuid, text, text) AS {};",
-        include_str!("../../src/jobs/insert.sql"),
-        include_str!("../../src/jobs/get_for_owner.sql"),
+        "SET plan_cache_mode = force_generic_plan; {PREPARE_ENQUEUE} {PREPARE_STATUS}"
     ))
     .await
     .unwrap();
@@ -1005,13 +1009,7 @@ async fn positions_and_claims_reach_the_level_counts_by_key_even_when_statistics
     let conn = t.db.pool.get().await.unwrap();
     conn.batch_execute(
         &(QUIET_HOUR_STATISTICS.to_owned()
-            + &format!(
-                "ANALYZE queue_levels; \
-                 PREPARE enqueue (uuid, text, text, text, uuid, jsonb, int4, int4, float8, int8, int8, int8, float8) AS {}; \
-                 PREPARE status (uuid, text, text) AS {};",
-                include_str!("../../src/jobs/insert.sql"),
-                include_str!("../../src/jobs/get_for_owner.sql"),
-            )),
+            + &format!("ANALYZE queue_levels; {PREPARE_ENQUEUE} {PREPARE_STATUS}")),
     )
     .await
     .unwrap();
